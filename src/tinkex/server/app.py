@@ -1,0 +1,70 @@
+"""The FastAPI application: routers, error handling, body limits and (for tests) fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from .runtime import Runtime, ServerSettings
+from .routers import futures, rest, sampling, service, training
+
+
+def _describe(errors: list[dict]) -> str:
+    parts = []
+    for error in errors[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        parts.append(f"{where or 'body'}: {error.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+class FaultRule(BaseModel):
+    path: str
+    status: int
+    count: int = 1
+
+
+def create_app(settings: ServerSettings, engine=None) -> FastAPI:
+    runtime = Runtime(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        runtime.futures.bind_loop(asyncio.get_running_loop())
+        runtime.start()
+        yield
+        runtime.stop()
+
+    app = FastAPI(title="tinkex", summary="A Tinker-compatible fine-tuning server", lifespan=lifespan)
+    app.state.runtime = runtime
+    for module in (service, training, sampling, futures, rest):
+        app.include_router(module.router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # 400 rather than FastAPI's 422: the SDK treats both as final, and 400 is what peers document.
+        return JSONResponse(status_code=400, content={"detail": _describe(exc.errors())})
+
+    @app.middleware("http")
+    async def _limits(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return JSONResponse(status_code=413, content={
+                "detail": f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}"})
+        rule = runtime.faults.get(request.url.path)
+        if rule is not None and rule[1] > 0:
+            rule[1] -= 1
+            return JSONResponse(status_code=rule[0], content={"detail": f"injected fault {rule[0]}"},
+                                headers={"retry-after-ms": "50"})
+        return await call_next(request)
+
+    if settings.fault_injection:
+        @app.post("/api/v1/_test/faults", include_in_schema=False)
+        def inject_fault(rule: FaultRule) -> dict:
+            runtime.faults[rule.path] = [rule.status, rule.count]
+            return {}
+
+    return app

@@ -1,0 +1,35 @@
+"""FastAPI dependencies shared by the routers: the runtime and the caller's tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+
+from .runtime import Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def get_tenant(
+    runtime: Annotated[Runtime, Depends(get_runtime)],
+    x_api_key: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> str:
+    key = x_api_key
+    if key is None and authorization and authorization.lower().startswith("bearer "):
+        key = authorization[7:].strip()
+    tenant = runtime.tenant_for(key)
+    if tenant is None:
+        raise HTTPException(
+            status_code=401,
+            detail="missing or unknown API key (send it in the X-API-Key header)",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    return tenant
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,0 +1,129 @@
+"""Futures: every asynchronous request gets one; the worker resolves it and long-polls wake up.
+
+Results live in memory for fast polling and in the store so that they survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tinkex.types import ForwardBackwardOutput, SampleResponse, WireModel
+
+from .store import RequestRow, Store
+
+ResultKind = Literal["json", "forward_backward", "sample"]
+_KEEP_FINISHED_SECONDS = 600.0  # finished futures stay in memory this long; the store keeps them for good
+
+
+@dataclass
+class Outcome:
+    """How a request ended: a result, or an error with its category ("user" or "server")."""
+
+    result: WireModel | None = None
+    error: str | None = None
+    category: str = "server"
+
+    @property
+    def kind(self) -> ResultKind:
+        if isinstance(self.result, ForwardBackwardOutput):
+            return "forward_backward"
+        if isinstance(self.result, SampleResponse):
+            return "sample"
+        return "json"
+
+
+@dataclass
+class Future:
+    request_id: str
+    tenant: str
+    request_type: str
+    outcome: Outcome | None = None
+    finished_at: float | None = None
+    waiters: list[asyncio.Event] = field(default_factory=list)
+
+
+class FutureTable:
+    def __init__(self, store: Store):
+        self._store = store
+        self._futures: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def create(self, tenant: str, request_type: str) -> Future:
+        future = Future(request_id=uuid.uuid4().hex, tenant=tenant, request_type=request_type)
+        self._store.add(RequestRow(id=future.request_id, tenant=tenant, request_type=request_type))
+        with self._lock:
+            self._futures[future.request_id] = future
+        return future
+
+    def resolve(self, future: Future, outcome: Outcome) -> None:
+        """Called from any thread, once per future."""
+        payload = None
+        if outcome.result is not None:
+            payload = outcome.result.model_dump_json(exclude_none=True).encode()
+        self._store.finish_request(future.request_id, kind=outcome.kind, result=payload,
+                                   error=outcome.error, category=outcome.category if outcome.error else None)
+        with self._lock:
+            future.outcome = outcome
+            future.finished_at = time.monotonic()
+            waiters, future.waiters = future.waiters, []
+        if self._loop is not None:
+            for waiter in waiters:
+                self._loop.call_soon_threadsafe(waiter.set)
+
+    def lookup(self, request_id: str, tenant: str) -> Future | None | Literal["lost"]:
+        """The future, "lost" if it was in flight when the server stopped, or None if unknown."""
+        with self._lock:
+            future = self._futures.get(request_id)
+        if future is not None:
+            return future if future.tenant == tenant else None
+        row = self._store.owned(RequestRow, request_id, tenant)
+        if row is None:
+            return None
+        if row.status in ("lost", "pending"):
+            return "lost"
+        return Future(request_id, tenant, row.request_type, outcome=_outcome_from_row(row), finished_at=time.monotonic())
+
+    async def wait(self, future: Future, timeout: float) -> bool:
+        """Wait until the future has an outcome or the timeout passes; True if it finished."""
+        event = asyncio.Event()
+        with self._lock:
+            if future.outcome is not None:
+                return True
+            future.waiters.append(event)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            with self._lock:
+                if event in future.waiters:
+                    future.waiters.remove(event)
+        return future.outcome is not None
+
+    def forget_old(self) -> None:
+        cutoff = time.monotonic() - _KEEP_FINISHED_SECONDS
+        with self._lock:
+            stale = [key for key, f in self._futures.items() if f.finished_at is not None and f.finished_at < cutoff]
+            for key in stale:
+                del self._futures[key]
+
+
+def _outcome_from_row(row: RequestRow) -> Outcome:
+    if row.status == "failed":
+        return Outcome(error=row.error, category=row.category or "server")
+    model: type[WireModel] = {"forward_backward": ForwardBackwardOutput, "sample": SampleResponse}.get(
+        row.result_kind or "json", _StoredJson)
+    return Outcome(result=model.model_validate_json(row.result or b"{}"))
+
+
+class _StoredJson(WireModel):
+    """A finished JSON result read back from the store: its fields, whatever they were."""
+
+    model_config = {"extra": "allow"}

@@ -1,0 +1,87 @@
+"""Sampling: sampling sessions and asample."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, HTTPException
+
+from tinkex.types import (
+    CreateSamplingSessionRequest,
+    CreateSamplingSessionResponse,
+    SampleRequest,
+    UntypedAPIFuture,
+)
+
+from .. import convert
+from ..deps import RuntimeDep, TenantDep
+from ..futures import Outcome
+from ..runtime import Runtime, bad_request, not_found
+from ..scheduler import Work
+from ..store import SamplingSessionRow, SessionRow, TrainingRunRow
+
+router = APIRouter(prefix="/api/v1")
+
+
+def _checkpoint_base_model(runtime: Runtime, model_path: str, tenant: str) -> str:
+    checkpoint = runtime.checkpoint(model_path, tenant)
+    run = runtime.store.get(TrainingRunRow, checkpoint.training_run_id)
+    if run is None:
+        raise not_found(f"training run of {model_path!r}")
+    return run.base_model
+
+
+@router.post("/create_sampling_session")
+def create_sampling_session(body: CreateSamplingSessionRequest, runtime: RuntimeDep,
+                            tenant: TenantDep) -> CreateSamplingSessionResponse:
+    runtime.active_session(body.session_id, tenant)
+    sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+    existing = runtime.store.owned(SamplingSessionRow, sampler_id, tenant)
+    if existing is not None:  # a retried create
+        return CreateSamplingSessionResponse(sampling_session_id=sampler_id)
+    if body.model_path is not None:
+        base_model = _checkpoint_base_model(runtime, body.model_path, tenant)
+    elif body.base_model is not None:
+        base_model = runtime.model_info(body.base_model).name
+    else:
+        raise bad_request("create_sampling_session needs model_path or base_model")
+    runtime.store.add(SamplingSessionRow(id=sampler_id, tenant=tenant, session_id=body.session_id,
+                                         base_model=base_model, model_path=body.model_path))
+    return CreateSamplingSessionResponse(sampling_session_id=sampler_id)
+
+
+@router.post("/asample")
+def asample(body: SampleRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
+    if body.sampling_session_id is not None:
+        key = (body.sampling_session_id, body.seq_id) if body.seq_id is not None else None
+        if key is not None and (existing := runtime.scheduler.existing_sample(key)) is not None:
+            return UntypedAPIFuture(request_id=existing, sample_sequence_ids=_sequence_ids(key, body.num_samples))
+        sampler = runtime.store.owned(SamplingSessionRow, body.sampling_session_id, tenant)
+        if sampler is None:
+            raise not_found(f"sampling session {body.sampling_session_id!r}")
+        session = runtime.store.get(SessionRow, sampler.session_id)
+        if session is not None and session.status != "active":
+            raise HTTPException(status_code=410, detail=f"session {sampler.session_id!r} has finished")
+        base_model, adapter = sampler.base_model, runtime.sampler_adapter(sampler)
+    elif body.model_path is not None:  # legacy addressing of SDKs without sampling sessions
+        key = None
+        base_model = _checkpoint_base_model(runtime, body.model_path, tenant)
+        adapter = runtime.register_sampler_weights(runtime.checkpoint(body.model_path, tenant).directory)
+    elif body.base_model is not None:
+        key, base_model, adapter = None, body.base_model, None
+    else:
+        raise bad_request("asample needs sampling_session_id (or model_path / base_model)")
+    info = runtime.model_info(base_model)
+    try:
+        job = convert.sample_job(body, info, adapter)
+    except convert.InputError as exc:
+        raise bad_request(str(exc)) from None
+    future = runtime.futures.create(tenant, "Sample")
+    work = Work(future=future, sample=job, finish=lambda result: Outcome(result=convert.sample_response(result, body)))
+    runtime.scheduler.submit_sample(key, work)
+    ids_key = key or (uuid.uuid4().hex, 0)
+    return UntypedAPIFuture(request_id=future.request_id, sample_sequence_ids=_sequence_ids(ids_key, body.num_samples))
+
+
+def _sequence_ids(key: tuple[str, int], num_samples: int) -> list[str]:
+    return [f"{key[0]}:{key[1]}:{i}" for i in range(num_samples)]

@@ -1,0 +1,168 @@
+"""Server settings and the runtime every router shares: store, engine, futures, scheduler, tenants."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import HTTPException
+
+from tinkex.engine.api import BUILTIN_MODEL, BaseModelInfo, EngineError, SampleJob
+from tinkex.types import CheckpointType, ParsedCheckpointTinkerPath
+from tinkex.types._rest import SEGMENTS
+
+from .futures import FutureTable
+from .scheduler import Scheduler
+from .store import CheckpointRow, SamplingSessionRow, SessionRow, Store, TrainingRunRow
+
+log = logging.getLogger("tinkex.server")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class ServerSettings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant name
+    base_models: list[str] = field(default_factory=lambda: [BUILTIN_MODEL])
+    database_url: str | None = None
+    long_poll_seconds: float = 25.0  # under the SDK's 45 s retrieve_future timeout
+    max_body_bytes: int = 256 * 1024 * 1024
+    compress_forward_backward: bool = False  # ask SDKs to zstd their forward_backward bodies
+    fault_injection: bool = False  # test-only: POST /api/v1/_test/faults
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def not_found(what: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=f"{what} not found")
+
+
+def bad_request(detail: str) -> HTTPException:
+    return HTTPException(status_code=400, detail=detail)
+
+
+class Runtime:
+    def __init__(self, settings: ServerSettings, engine=None):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self.store = Store(settings.database_url or f"sqlite:///{settings.data_dir / 'tinkex.db'}")
+        lost = self.store.mark_unfinished_lost()
+        if lost:
+            log.warning("%d requests were in flight when the server last stopped; their futures answer 410", lost)
+        if engine is None:
+            from tinkex.engine import Engine
+
+            engine = Engine(settings.base_models)
+        self.engine = engine
+        self.futures = FutureTable(self.store)
+        self.scheduler = Scheduler(engine, self.futures, self._prepare_sample)
+        self._tenants = {hash_key(key): tenant for key, tenant in settings.api_keys.items()}
+        self._sampler_dirs: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        self.faults: dict[str, list[int]] = {}  # path -> [status, remaining]
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    # ---- tenants -------------------------------------------------------------------------------
+
+    def tenant_for(self, api_key: str | None) -> str | None:
+        return self._tenants.get(hash_key(api_key)) if api_key else None
+
+    def active_session(self, session_id: str, tenant: str) -> SessionRow:
+        row = self.store.owned(SessionRow, session_id, tenant)
+        if row is None:
+            raise not_found(f"session {session_id!r}")
+        if row.status != "active":
+            raise HTTPException(status_code=410, detail=f"session {session_id!r} has finished ({row.status})")
+        return row
+
+    # ---- models ---------------------------------------------------------------------------------
+
+    def model_info(self, base_model: str) -> BaseModelInfo:
+        try:
+            return self.engine.model_info(base_model)
+        except EngineError:
+            served = ", ".join(info.name for info in self.engine.model_infos())
+            raise bad_request(f"unknown base model {base_model!r}; this server serves: {served}") from None
+
+    def training_run(self, model_id: str, tenant: str) -> TrainingRunRow:
+        row = self.store.owned(TrainingRunRow, model_id, tenant)
+        if row is None:
+            raise not_found(f"model {model_id!r}")
+        return row
+
+    def live_model(self, model_id: str, tenant: str) -> TrainingRunRow:
+        """A training run whose weights are loaded in this server process."""
+        row = self.training_run(model_id, tenant)
+        if not self.scheduler.has_model(model_id):
+            raise HTTPException(status_code=404, detail=(
+                f"model {model_id!r} is not loaded (the server restarted or it was unloaded); "
+                "create a training client from its last checkpoint"))
+        return row
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint_name(self, name: str | None) -> str:
+        if name is None or not _NAME.match(name):
+            raise bad_request(f"checkpoint name {name!r} must be 1-128 characters of letters, digits, '.', '_' "
+                              "or '-', starting with a letter or digit")
+        return name
+
+    def checkpoint_dir(self, tenant: str, run_id: str, kind: CheckpointType, name: str) -> Path:
+        # Names are checked by checkpoint_name and run ids come from the store, so nothing escapes the root.
+        root = self.settings.data_dir / "checkpoints" / hash_key(tenant)[:16]
+        return root / run_id.replace(":", "_") / SEGMENTS[kind] / name
+
+    def checkpoint(self, tinker_path: str, tenant: str) -> CheckpointRow:
+        try:
+            ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        row = self.store.get(CheckpointRow, tinker_path)
+        if row is None or (row.tenant != tenant and not row.public):
+            raise not_found(f"checkpoint {tinker_path!r}")
+        return row
+
+    def delete_checkpoint(self, row: CheckpointRow) -> None:
+        self.store.delete(CheckpointRow, row.tinker_path)
+        shutil.rmtree(row.directory, ignore_errors=True)
+
+    # ---- sampling -------------------------------------------------------------------------------
+
+    def sampler_adapter(self, row: SamplingSessionRow) -> str | None:
+        """The engine adapter a sampling session samples from (None: the base model)."""
+        if row.model_path is None:
+            return None
+        if row.model_path.startswith("live:"):  # an inflight sampler follows the training adapter
+            return row.model_path[len("live:"):]
+        if row.model_path.startswith("snapshot:"):  # the unnamed save behind save_weights_and_get_sampling_client
+            return self.register_sampler_weights(row.model_path[len("snapshot:"):])
+        checkpoint = self.store.get(CheckpointRow, row.model_path)
+        if checkpoint is None:
+            raise not_found(f"checkpoint {row.model_path!r} of sampler {row.id!r}")
+        return self.register_sampler_weights(checkpoint.directory)
+
+    def register_sampler_weights(self, directory: str | Path) -> str:
+        adapter_id = f"sampler:{directory}"
+        with self._lock:
+            self._sampler_dirs[adapter_id] = Path(directory)
+        return adapter_id
+
+    def _prepare_sample(self, job: SampleJob) -> None:
+        # Runs on the engine thread, just before the batch that needs the weights.
+        adapter = job.adapter_id
+        if adapter is not None and adapter in self._sampler_dirs and not self.engine.has_adapter(adapter):
+            self.engine.load_sampler_weights(adapter, self._sampler_dirs[adapter])

@@ -1,0 +1,191 @@
+"""The scheduler: per-model seq_id order, one engine worker thread, batching across models.
+
+Requests of one model run strictly in seq_id order; one that arrives early (the first chunk of a
+parallel forward_backward is sent last) waits until the gap is filled. Each turn of the worker takes,
+from every model with ready work, either its leading run of forward_backward jobs or one other
+request; all the forward_backward jobs of that turn, from every tenant, go to the engine as one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tinkex.engine.api import EngineError, ForwardBackwardJob, SampleJob
+
+from .futures import Future, FutureTable, Outcome
+
+log = logging.getLogger("tinkex.server")
+
+
+@dataclass
+class Work:
+    future: Future | None = None  # set when the work is queued
+    run: Callable[[], Outcome] | None = None  # everything but forward_backward and sample
+    forward_backward: ForwardBackwardJob | None = None
+    sample: SampleJob | None = None
+    finish: Callable[[object], Outcome] | None = None  # turns an engine result into the outcome
+
+
+@dataclass
+class _ModelQueue:
+    next_seq: int
+    waiting: dict[int, Work] = field(default_factory=dict)
+    ready: deque[Work] = field(default_factory=deque)
+    seen: dict[int, str] = field(default_factory=dict)  # seq_id -> request_id, to dedupe retries
+
+
+class SeqIdError(ValueError):
+    """A seq_id that was already executed under a different request."""
+
+
+class Scheduler:
+    def __init__(self, engine, futures: FutureTable, prepare_sample: Callable[[SampleJob], None]):
+        self._engine = engine
+        self._futures = futures
+        self._prepare_sample = prepare_sample  # loads a sampler adapter on the worker thread if needed
+        self._models: dict[str, _ModelQueue] = {}
+        self._samples: deque[Work] = deque()
+        self._sample_seen: dict[tuple[str, int], str] = {}
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="tinkex-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    # ---- submission (event-loop side) ------------------------------------------------------------
+
+    def open_model(self, model_id: str) -> None:
+        with self._cond:
+            self._models.setdefault(model_id, _ModelQueue(next_seq=0))
+
+    def has_model(self, model_id: str) -> bool:
+        with self._cond:
+            return model_id in self._models
+
+    def close_model(self, model_id: str) -> None:
+        with self._cond:
+            self._models.pop(model_id, None)
+
+    def next_seq(self, model_id: str) -> int:
+        """The next seq_id nobody has claimed: for old clients that send none."""
+        with self._cond:
+            queue = self._models[model_id]
+            return max([queue.next_seq - 1, *queue.waiting, *queue.seen]) + 1
+
+    def existing(self, model_id: str, seq_id: int) -> str | None:
+        """The request_id already given to (model_id, seq_id), if any: retries get the same future."""
+        with self._cond:
+            queue = self._models.get(model_id)
+            return queue.seen.get(seq_id) if queue else None
+
+    def submit(self, model_id: str, seq_id: int, work: Work) -> None:
+        with self._cond:
+            queue = self._models[model_id]
+            if seq_id < queue.next_seq or seq_id in queue.waiting:
+                raise SeqIdError(f"seq_id {seq_id} of model {model_id} was already used")
+            if work.future is not None:
+                queue.seen[seq_id] = work.future.request_id
+            queue.waiting[seq_id] = work
+            while queue.next_seq in queue.waiting:
+                queue.ready.append(queue.waiting.pop(queue.next_seq))
+                queue.next_seq += 1
+            self._cond.notify()
+
+    def skip(self, model_id: str, seq_id: int) -> None:
+        """Mark a rejected request's seq_id as done, so the requests after it are not held forever."""
+        try:
+            self.submit(model_id, seq_id, Work())
+        except SeqIdError:
+            pass
+
+    def existing_sample(self, key: tuple[str, int]) -> str | None:
+        with self._cond:
+            return self._sample_seen.get(key)
+
+    def submit_sample(self, key: tuple[str, int] | None, work: Work) -> None:
+        with self._cond:
+            if key is not None:
+                self._sample_seen[key] = work.future.request_id
+            self._samples.append(work)
+            self._cond.notify()
+
+    # ---- the worker ----------------------------------------------------------------------------
+
+    def _take_turn(self) -> tuple[list[Work], list[Work], list[Work]] | None:
+        with self._cond:
+            while not self._stopped and not self._samples and not any(q.ready for q in self._models.values()):
+                self._cond.wait()
+            if self._stopped:
+                return None
+            batch: list[Work] = []
+            others: list[Work] = []
+            for queue in self._models.values():
+                if not queue.ready:
+                    continue
+                if queue.ready[0].forward_backward is None:
+                    others.append(queue.ready.popleft())
+                    continue
+                while queue.ready and queue.ready[0].forward_backward is not None:
+                    batch.append(queue.ready.popleft())
+            samples = list(self._samples)
+            self._samples.clear()
+            return batch, others, samples
+
+    def _loop(self) -> None:
+        while (turn := self._take_turn()) is not None:
+            batch, others, samples = turn
+            if batch:
+                self._run_batch([w.forward_backward for w in batch], batch)
+            for work in others:
+                if work.future is not None:  # skipped seq_ids carry no future
+                    self._resolve(work, work.run)
+            if samples:
+                ready = []
+                for work in samples:
+                    try:
+                        self._prepare_sample(work.sample)
+                        ready.append(work)
+                    except Exception as exc:
+                        self._futures.resolve(work.future, _failure(exc))
+                if ready:
+                    self._run_batch([w.sample for w in ready], ready, sample=True)
+            self._futures.forget_old()
+
+    def _run_batch(self, jobs: list, works: list[Work], *, sample: bool = False) -> None:
+        try:
+            results = self._engine.sample(jobs) if sample else self._engine.forward_backward(jobs)
+        except Exception as exc:
+            log.exception("engine batch failed")
+            for work in works:
+                self._futures.resolve(work.future, Outcome(error=f"internal error: {exc}", category="server"))
+            return
+        for work, result in zip(works, results):
+            if isinstance(result, Exception):
+                self._futures.resolve(work.future, _failure(result))
+            else:
+                self._resolve(work, lambda: work.finish(result))
+
+    def _resolve(self, work: Work, compute: Callable[[], Outcome]) -> None:
+        try:
+            outcome = compute()
+        except Exception as exc:
+            outcome = _failure(exc)
+        self._futures.resolve(work.future, outcome)
+
+
+def _failure(exc: Exception) -> Outcome:
+    if isinstance(exc, EngineError):
+        return Outcome(error=str(exc), category="user")
+    log.error("request failed", exc_info=exc)
+    return Outcome(error=f"internal error: {type(exc).__name__}: {exc}", category="server")
