@@ -48,7 +48,7 @@ class ServerProcess:
 
 def start_server(data_dir: Path, *args: str, timeout: float = 120.0) -> ServerProcess:
     command = [sys.executable, "-m", "tinkex.cli", "serve", "--port", "0", "--data-dir", str(data_dir),
-               "--api-key", f"{ALICE}=alice", "--api-key", f"{BOB}=bob", *args]
+               "--api-key", f"{ALICE}=alice", "--api-key", f"{BOB}=bob", "--threads", "1", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + timeout

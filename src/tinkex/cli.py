@@ -44,8 +44,13 @@ def _parse_keys(api_keys: tuple[str, ...], keys_file: Path | None) -> dict[str, 
 @click.option("--database-url", default=None, help="SQLAlchemy URL of the store [default: SQLite in the data dir].")
 @click.option("--compress-forward-backward", is_flag=True,
               help="Ask clients to zstd-compress forward_backward bodies.")
+@click.option("--long-poll-seconds", type=float, default=25.0, show_default=True,
+              help="How long retrieve_future holds a request before answering try_again (SDKs time out at 45).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch [default: one per core]. 1 is steadier on a busy machine.")
 def serve(host: str, port: int, data_dir: Path | None, models: tuple[str, ...], api_keys: tuple[str, ...],
-          keys_file: Path | None, database_url: str | None, compress_forward_backward: bool) -> None:
+          keys_file: Path | None, database_url: str | None, compress_forward_backward: bool,
+          long_poll_seconds: float, threads: int | None) -> None:
     """Run the Tinker-compatible server. Without --api-key or --keys-file, one local key is made and printed."""
     import uvicorn
 
@@ -56,7 +61,8 @@ def serve(host: str, port: int, data_dir: Path | None, models: tuple[str, ...], 
     data_dir = data_dir or default_data_dir()
     keys = _parse_keys(api_keys, keys_file) or {local_api_key(data_dir): "local"}
     settings = ServerSettings(data_dir=data_dir, host=host, port=port or free_port(host), api_keys=keys,
-                              database_url=database_url, compress_forward_backward=compress_forward_backward)
+                              database_url=database_url, compress_forward_backward=compress_forward_backward,
+                              long_poll_seconds=long_poll_seconds, torch_threads=threads)
     if models:
         settings.base_models = list(models)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=settings.port,
@@ -65,7 +71,7 @@ def serve(host: str, port: int, data_dir: Path | None, models: tuple[str, ...], 
     def announce() -> None:
         while not server.started:
             time.sleep(0.01)
-        click.echo(f"tinkex serving on http://{host}:{settings.port}", )
+        click.echo(f"tinkex serving on http://{host}:{settings.port}")
         if not api_keys and keys_file is None:
             click.echo(f"API key: {next(iter(keys))}")
 

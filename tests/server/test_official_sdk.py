@@ -275,3 +275,71 @@ def test_bad_input_fails_fast_and_the_server_keeps_serving(alice, trained):
     assert "shape" in str(info.value)
     # and the same client still trains
     assert math.isfinite(training.forward(batch, "cross_entropy").result().metrics["loss:sum"])
+
+
+def test_weights_users_can_take_away(trained, alice, server, tmp_path):
+    """Export in Hugging Face PEFT format, download over signed links, and get the same numbers from peft."""
+    import io
+    import tarfile
+
+    import httpx
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    training, tokenizer, _, _ = trained
+    exported = training.save_weights_external("export").result()
+    assert exported.path.endswith("/external_weights/export")
+    rest = alice.create_rest_client()
+    urls = rest.get_external_weights_urls(exported.path).result().urls
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(urls)
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    for name, url in urls.items():  # signed links need no API key
+        response = httpx.get(url)
+        assert response.status_code == 200
+        (adapter_dir / name).write_bytes(response.content)
+    assert httpx.get(next(iter(urls.values())) + "x").status_code == 403  # tampered links are refused
+
+    tokens = tokenizer.encode("owl says hoot")
+    base = AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    peft_logprobs = torch.log_softmax(logits, -1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+    sampler = training.save_weights_and_get_sampling_client().result()
+    ours = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()[1:]
+    np.testing.assert_allclose(np.array(ours), peft_logprobs.numpy(), atol=1e-4)
+
+    # a training checkpoint as one archive (what SDK 0.23's archive call and `tinkex checkpoint download` use)
+    state = training.save_state("archived").result().path
+    run_id, checkpoint_id = state[len("tinker://"):].split("/", 1)
+    archive = httpx.get(f"{server.base_url}/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/archive",
+                        headers={"X-API-Key": ALICE}, follow_redirects=True)
+    assert archive.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+        names = set(tar.getnames())
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"} <= names
+    assert httpx.get(f"{server.base_url}/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/archive",
+                     headers={"X-API-Key": BOB}).status_code == 404
+
+
+def test_checkpoint_ttl_and_publishing(trained, alice, server):
+    training, _, _, _ = trained
+    path = training.save_state("shared").result().path
+    rest = alice.create_rest_client()
+    rest.set_checkpoint_ttl_from_tinker_path(path, 7200).result()
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(training.model_id).result().checkpoints}
+    assert listed[path].expires_at is not None
+    rest.publish_checkpoint_from_tinker_path(path).result()
+    assert {c.tinker_path: c for c in rest.list_checkpoints(training.model_id).result().checkpoints}[path].public
+    # a published checkpoint can be loaded by another tenant
+    bob = tinker.ServiceClient(base_url=server.base_url, api_key=BOB)
+    copy = bob.create_training_client_from_state(path).result()
+    assert copy.get_info().model_data.model_name == MODEL
+    rest.unpublish_checkpoint_from_tinker_path(path).result()
+    with pytest.raises(Exception):
+        bob.create_training_client_from_state(path).result()
+    bob.close("success")
+    with pytest.raises(Exception):
+        rest.set_checkpoint_ttl_from_tinker_path(path, 5).result()  # below the one-hour minimum

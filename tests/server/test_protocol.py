@@ -10,6 +10,7 @@ import pytest
 import zstandard
 
 from tinkex import types
+from tinkex.server import ServerSettings
 
 from ..conftest import ALICE, BOB, start_server
 
@@ -137,7 +138,8 @@ def test_malformed_bodies_get_400_with_detail(server):
 
 
 def test_long_poll_holds_then_answers_try_again(tmp_path, hf_home):
-    slow = start_server(tmp_path / "data")
+    assert ServerSettings(data_dir=tmp_path).long_poll_seconds < 45  # the SDK's retrieve_future timeout
+    slow = start_server(tmp_path / "data", "--long-poll-seconds", "3")
     try:
         api = Api(slow.base_url)
         session_id = api.session()
@@ -151,7 +153,7 @@ def test_long_poll_holds_then_answers_try_again(tmp_path, hf_home):
         answer = api.post("/retrieve_future", json={"request_id": future["request_id"]}, timeout=60).json()
         held = time.monotonic() - started
         assert answer["type"] == "try_again" and answer["queue_state"] == "active"
-        assert 20 <= held < 45
+        assert 3 <= held < 10
     finally:
         slow.stop()
 

@@ -53,6 +53,7 @@ class FutureTable:
         self._futures: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_sweep = time.monotonic()
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -108,7 +109,10 @@ class FutureTable:
         return future.outcome is not None
 
     def forget_old(self) -> None:
-        cutoff = time.monotonic() - _KEEP_FINISHED_SECONDS
+        now = time.monotonic()
+        if now - self._last_sweep < 10:
+            return
+        self._last_sweep, cutoff = now, now - _KEEP_FINISHED_SECONDS
         with self._lock:
             stale = [key for key, f in self._futures.items() if f.finished_at is not None and f.finished_at < cutoff]
             for key in stale:

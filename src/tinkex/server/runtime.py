@@ -35,6 +35,7 @@ class ServerSettings:
     long_poll_seconds: float = 25.0  # under the SDK's 45 s retrieve_future timeout
     max_body_bytes: int = 256 * 1024 * 1024
     compress_forward_backward: bool = False  # ask SDKs to zstd their forward_backward bodies
+    torch_threads: int | None = None  # None keeps torch's default (one per core)
     fault_injection: bool = False  # test-only: POST /api/v1/_test/faults
 
 
@@ -60,6 +61,11 @@ class Runtime:
             log.warning("%d requests were in flight when the server last stopped; their futures answer 410", lost)
         if engine is None:
             from tinkex.engine import Engine
+
+            if settings.torch_threads:
+                import torch
+
+                torch.set_num_threads(settings.torch_threads)
 
             engine = Engine(settings.base_models)
         self.engine = engine
@@ -134,6 +140,13 @@ class Runtime:
         row = self.store.get(CheckpointRow, tinker_path)
         if row is None or (row.tenant != tenant and not row.public):
             raise not_found(f"checkpoint {tinker_path!r}")
+        return row
+
+    def owned_checkpoint(self, run_id: str, checkpoint_id: str, tenant: str) -> CheckpointRow:
+        """A checkpoint addressed REST-style: run id plus "{segment}/{name}"."""
+        row = self.store.owned(CheckpointRow, f"tinker://{run_id}/{checkpoint_id}", tenant)
+        if row is None:
+            raise not_found(f"checkpoint {checkpoint_id!r} of training run {run_id!r}")
         return row
 
     def delete_checkpoint(self, row: CheckpointRow) -> None:

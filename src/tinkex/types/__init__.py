@@ -1,6 +1,106 @@
 """Every wire shape of the Tinker protocol, defined once and shared by the client and the server."""
 
+from ._api import (
+    AccessibleSearchOwner,
+    ActiveSessionStatusQuery,
+    AuditLogEntry,
+    AuditLogResponse,
+    BillingEventInfo,
+    BillingUsageEvent,
+    BillingUsageResponse,
+    BillingUsageSession,
+    CancelledSessionStatusQuery,
+    CheckpointBillingEvent,
+    ClientFinishedSessionStatusQuery,
+    ClientSessionFinished,
+    ClientSessionFinishErrored,
+    ClientSessionFinishInterrupted,
+    ClientSessionFinishReason,
+    ClientSessionFinishReasonType,
+    ClientSessionFinishSuccess,
+    CopyWeightsRequest,
+    CopyWeightsResponse,
+    CreateCustomLossRequest,
+    CreateCustomLossResponse,
+    CurrentCheckpointStorageUsageItem,
+    CurrentCheckpointStorageUsageResponse,
+    CustomLossGraph,
+    CustomLossInput,
+    CustomLossInputRank,
+    CustomLossNode,
+    DimuonOptimizerConfig,
+    DimuonParams,
+    ExternalWeightsUrlsResponse,
+    FailedSessionStatusQuery,
+    JoinSamplingSessionRequest,
+    JoinSamplingSessionResponse,
+    OptimizerConfig,
+    OptimizerConfigBase,
+    OptimParams,
+    OptimParamsBase,
+    OwnSearchOwner,
+    PromptAltTokens,
+    SamplingPrefillBillingEvent,
+    SamplingSampleBillingEvent,
+    SaveWeightsExternalRequest,
+    SaveWeightsExternalResponse,
+    SearchOwner,
+    SessionActive,
+    SessionCancelled,
+    SessionFailed,
+    SessionFailedReason,
+    SessionFailedRequestReason,
+    SessionFailedSamplingSessionReason,
+    SessionFailedTrainingRunReason,
+    SessionSearchCursor,
+    SessionSearchRequest,
+    SessionSearchResponse,
+    SessionStatus,
+    SessionStatusQuery,
+    SessionSummary,
+    StorageBillingEvent,
+    TopkLogprobs,
+    TrainingBillingEvent,
+    UserSearchOwner,
+    WhoamiResponse,
+    FutureFinished,
+    FutureFailed,
+    FutureCompletion,
+    SamplingSessionFuturesTarget,
+    FuturesRetrieveRequest,
+    FuturesRetrieveResponse,
+    AuthTokenResponse,
+    GetBillingUsageRequest,
+    GetCurrentCheckpointStorageUsageRequest,
+    EventType,
+    Severity,
+    SessionStartEvent,
+    SessionEndEvent,
+    UnhandledExceptionEvent,
+    GenericEvent,
+    TelemetryEvent,
+    TelemetryBatch,
+)
 from ._base import WireModel
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    BillingError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestErrorCategory,
+    RequestFailedError,
+    TinkerError,
+    UnprocessableEntityError,
+)
 from ._model_input import (
     Datum,
     DmelChunk,
@@ -53,6 +153,7 @@ from ._sampling import (
     SamplingParams,
     StopReason,
     topk_rows,
+    topk_table,
 )
 from ._session import (
     CancelFutureRequest,
@@ -64,7 +165,6 @@ from ._session import (
     FinishReason,
     FutureRetrieveRequest,
     QueueState,
-    RequestErrorCategory,
     RequestFailedResponse,
     SessionFinishRequest,
     SessionHeartbeatRequest,
@@ -103,3 +203,13 @@ from ._training import (
 )
 
 ModelID = str
+RequestID = str
+LossFnInputs = dict[str, TensorData]
+LossFnOutput = dict[str, TensorData]
+ProvenanceSpans = list[ProvenanceSpan]
+# The internal-response names of the official SDK: the same shapes here.
+SaveWeightsExternalResponseInternal = SaveWeightsExternalResponse
+SaveWeightsForSamplerResponseInternal = SaveWeightsForSamplerResponse
+FutureRetrieveResponse = (TryAgainResponse | ForwardBackwardOutput | OptimStepResponse | SaveWeightsResponse
+                          | LoadWeightsResponse | SaveWeightsForSamplerResponse | SaveWeightsExternalResponse
+                          | CreateModelResponse | UnloadModelResponse | RequestFailedResponse)

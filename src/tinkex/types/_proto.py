@@ -22,6 +22,7 @@ from ._model_input import (
     PromptProvenanceSpan,
     SampledProvenanceSpan,
 )
+from ._api import PromptAltTokens
 from ._sampling import TOPK_SENTINEL, SampledSequence, SampleResponse, topk_rows
 from ._tensor import TensorData
 from ._training import ForwardBackwardInput, ForwardBackwardOutput
@@ -394,6 +395,14 @@ def encode_sample_response(response: SampleResponse) -> bytes:
         k = max(len(row or []) for row in response.topk_prompt_logprobs)
         if k:
             _topk_to_proto(*_topk_table(response.topk_prompt_logprobs, k), message.topk_prompt_logprobs)
+    if response.target_prompt_logprobs is not None:
+        _tensor_to_proto(response.target_prompt_logprobs, message.target_prompt_logprobs)
+    if response.prompt_alt_tokens is not None:
+        alt = response.prompt_alt_tokens
+        message.prompt_alt_tokens.tokens.dtype = 3
+        message.prompt_alt_tokens.tokens.dense = np.asarray(alt.tokens.to_numpy(), dtype="<i4").tobytes()
+        message.prompt_alt_tokens.tokens.shape.extend(alt.tokens.shape or [len(alt.tokens.data)])
+        _tensor_to_proto(alt.logprobs, message.prompt_alt_tokens.logprobs)
     return message.SerializeToString()
 
 
@@ -415,6 +424,26 @@ def decode_sample_response(body: bytes) -> SampleResponse:
     if message.HasField("prompt_logprobs"):
         prompt_logprobs = [None if math.isnan(x) else x for x in _array(message.prompt_logprobs, 1).tolist()]
     topk = _topk_from_proto(message.topk_prompt_logprobs) if message.HasField("topk_prompt_logprobs") else None
+    target = _float_tensor_from_proto(message.target_prompt_logprobs) \
+        if message.HasField("target_prompt_logprobs") else None
+    alt = None
+    if message.HasField("prompt_alt_tokens"):
+        alt = PromptAltTokens(tokens=_float_tensor_from_proto(message.prompt_alt_tokens.tokens, "int64"),
+                              logprobs=_float_tensor_from_proto(message.prompt_alt_tokens.logprobs))
     return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs,
                           topk_prompt_logprobs=topk_rows(*topk) if topk else None,
-                          prompt_cache_hit_tokens=message.prompt_cache_hit_tokens)
+                          prompt_cache_hit_tokens=message.prompt_cache_hit_tokens,
+                          target_prompt_logprobs=target, prompt_alt_tokens=alt)
+
+
+def _float_tensor_from_proto(message, dtype: str = "float32") -> TensorData:
+    """A response tensor (any wire dtype code) as TensorData of the given dtype, dense or CSR."""
+    np_dtype = np.int64 if dtype == "int64" else np.float32
+    shape = list(message.shape)
+    if message.WhichOneof("encoding") == "sparse_csr":
+        csr = message.sparse_csr
+        return TensorData(data=_array(csr.values, message.dtype).astype(np_dtype).tolist(), dtype=dtype,
+                          shape=shape, sparse_crow_indices=_array(csr.crow_indices, 2).tolist(),
+                          sparse_col_indices=_array(csr.col_indices, 2).tolist())
+    values = _array(message.dense, message.dtype).astype(np_dtype)
+    return TensorData(data=values.tolist(), dtype=dtype, shape=shape or [len(values)])

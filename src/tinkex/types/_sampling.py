@@ -7,6 +7,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from ._api import PromptAltTokens, TopkLogprobs
 from ._base import WireModel
 from ._model_input import ModelInput
 from ._tensor import TensorData
@@ -34,6 +35,7 @@ class CreateSamplingSessionRequest(WireModel):
 
 class CreateSamplingSessionResponse(WireModel):
     sampling_session_id: str
+    type: Literal["create_sampling_session"] = "create_sampling_session"
 
 
 class SampleRequest(WireModel):
@@ -64,13 +66,31 @@ class SampledSequence(WireModel):
     topk_logprobs: list[TopkRow] | None = None
     sequence_id: str | None = None
 
+    @property
+    def tokens_np(self) -> np.ndarray:
+        return np.asarray(self.tokens, dtype=np.int32)
+
+    @property
+    def logprobs_np(self) -> np.ndarray | None:
+        return None if self.logprobs is None else np.asarray(self.logprobs, dtype=np.float32)
+
+    @property
+    def topk_logprobs_np(self) -> TopkLogprobs | None:
+        return None if self.topk_logprobs is None else topk_table(self.topk_logprobs)
+
 
 class SampleResponse(WireModel):
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[TopkRow] | None = None
     prompt_cache_hit_tokens: int = 0
+    target_prompt_logprobs: TensorData | None = None  # float32, the request's layout, 0.0 in unasked cells
+    prompt_alt_tokens: PromptAltTokens | None = None
     type: Literal["sample"] | None = None
+
+    @property
+    def topk_prompt_logprobs_np(self) -> TopkLogprobs | None:
+        return None if self.topk_prompt_logprobs is None else topk_table(self.topk_prompt_logprobs)
 
     @property
     def prompt_logprobs_np(self) -> np.ndarray | None:
@@ -88,3 +108,14 @@ def topk_rows(token_ids: np.ndarray, logprobs: np.ndarray) -> list[TopkRow]:
             row.pop()
         rows.append(row or None)
     return rows
+
+
+def topk_table(rows: list[TopkRow]) -> TopkLogprobs:
+    """The dense view of top-k rows, padded with the sentinel (0, -99999.0)."""
+    k = max((len(row or []) for row in rows), default=0)
+    ids = np.full((len(rows), k), TOPK_SENTINEL[0], dtype=np.int32)
+    lps = np.full((len(rows), k), TOPK_SENTINEL[1], dtype=np.float32)
+    for i, row in enumerate(rows):
+        for j, (token, logprob) in enumerate(row or []):
+            ids[i, j], lps[i, j] = token, logprob
+    return TopkLogprobs(token_ids=ids, logprobs=lps)

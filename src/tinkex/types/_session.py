@@ -7,9 +7,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ._base import WireModel
+from ._exceptions import RequestErrorCategory
 
 QueueState = Literal["active", "paused_capacity", "paused_rate_limit"]
-RequestErrorCategory = Literal["unknown", "server", "user"]
 
 
 class ClientConfigRequest(WireModel):
@@ -61,6 +61,7 @@ class CreateSessionResponse(WireModel):
     info_message: str | None = None
     warning_message: str | None = None
     error_message: str | None = None
+    type: Literal["create_session"] = "create_session"
 
 
 class SessionHeartbeatRequest(WireModel):
@@ -115,7 +116,7 @@ class TryAgainResponse(WireModel):
 
 class RequestFailedResponse(WireModel):
     error: str
-    category: RequestErrorCategory = "unknown"
+    category: RequestErrorCategory = RequestErrorCategory.Unknown
 
 
 class CancelFutureRequest(WireModel):

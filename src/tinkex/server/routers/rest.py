@@ -85,25 +85,18 @@ def list_user_checkpoints(runtime: RuntimeDep, tenant: TenantDep, limit: Limit =
                                    cursor=Cursor(offset=offset, limit=limit, total_count=total))
 
 
-def _owned_checkpoint(runtime: Runtime, run_id: str, checkpoint_id: str, tenant: str) -> CheckpointRow:
-    row = runtime.store.owned(CheckpointRow, f"tinker://{run_id}/{checkpoint_id}", tenant)
-    if row is None:
-        raise not_found(f"checkpoint {checkpoint_id!r} of training run {run_id!r}")
-    return row
-
-
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
 def delete_checkpoint(run_id: str, checkpoint_id: str, runtime: RuntimeDep, tenant: TenantDep) -> dict:
     # One route serves DELETE .../{segment}/{name} and DELETE .../{segment}/{name}/publish (unpublish).
     if checkpoint_id.count("/") == 2 and checkpoint_id.endswith("/publish"):
         return unpublish_checkpoint(run_id, checkpoint_id[: -len("/publish")], runtime, tenant)
-    runtime.delete_checkpoint(_owned_checkpoint(runtime, run_id, checkpoint_id, tenant))
+    runtime.delete_checkpoint(runtime.owned_checkpoint(run_id, checkpoint_id, tenant))
     return {}
 
 
 @router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish")
 def publish_checkpoint(run_id: str, checkpoint_id: str, runtime: RuntimeDep, tenant: TenantDep) -> dict:
-    row = _owned_checkpoint(runtime, run_id, checkpoint_id, tenant)
+    row = runtime.owned_checkpoint(run_id, checkpoint_id, tenant)
     if row.public:
         raise HTTPException(status_code=409, detail=f"{row.tinker_path} is already public")
     runtime.store.update(CheckpointRow, row.tinker_path, public=True)
@@ -111,7 +104,7 @@ def publish_checkpoint(run_id: str, checkpoint_id: str, runtime: RuntimeDep, ten
 
 
 def unpublish_checkpoint(run_id: str, checkpoint_id: str, runtime: Runtime, tenant: str) -> dict:
-    row = _owned_checkpoint(runtime, run_id, checkpoint_id, tenant)
+    row = runtime.owned_checkpoint(run_id, checkpoint_id, tenant)
     if not row.public:
         raise HTTPException(status_code=409, detail=f"{row.tinker_path} is not public")
     runtime.store.update(CheckpointRow, row.tinker_path, public=False)
@@ -121,7 +114,7 @@ def unpublish_checkpoint(run_id: str, checkpoint_id: str, runtime: Runtime, tena
 @router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl")
 def set_checkpoint_ttl(run_id: str, checkpoint_id: str, body: CheckpointTtlRequest, runtime: RuntimeDep,
                        tenant: TenantDep) -> dict:
-    row = _owned_checkpoint(runtime, run_id, checkpoint_id, tenant)
+    row = runtime.owned_checkpoint(run_id, checkpoint_id, tenant)
     if body.ttl_seconds is not None and not 3600 <= body.ttl_seconds <= MAX_TTL_SECONDS:
         raise bad_request("ttl_seconds must be between 3600 (an hour) and ten years, or null for no expiry")
     expires = utcnow() + timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None

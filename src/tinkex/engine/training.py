@@ -1,0 +1,216 @@
+"""forward_backward: validate each job, then run all jobs of one base model as ONE padded batch.
+
+Layout of a batch: datums are rows, right-padded to the longest; rows are ordered by adapter, so
+each adapter owns a contiguous block of rows (lora.Routing). No attention mask is needed: with
+right padding and causal attention a real token never sees a pad. The lm_head keeps only the real
+positions, so logits are [N, vocab] for the N real tokens, flattened in row order; each job and
+each datum is then a contiguous range of those N positions.
+
+Calls too big for one forward (see MAX_BATCH_TOKENS) run as a few micro-batches instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import lora, losses
+from .api import DatumArrays, EngineError, ForwardBackwardJob, ForwardBackwardResult
+from .models import BaseModel
+
+
+@dataclass
+class PreparedJob:
+    """A validated job: its datums' tokens and its loss inputs flattened over datums."""
+
+    index: int  # position in the caller's list
+    job: ForwardBackwardJob
+    loss: losses.LossDef
+    config: dict[str, float]
+    tokens: list[np.ndarray]  # int64 [T_i] per datum
+    targets: np.ndarray  # int64 [N] or [N, K]
+    inputs: dict[str, np.ndarray]  # float32 [N] or [N, K]
+    train: bool
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(t) for t in self.tokens]
+
+    def piece(self, first: int, stop: int) -> PreparedJob:
+        """Datums first..stop-1 of this job (for splitting a call that is too big for one forward)."""
+        if (first, stop) == (0, len(self.tokens)):
+            return self
+        bounds = np.concatenate([[0], np.cumsum(self.lengths)])
+        lo, hi = bounds[first], bounds[stop]
+        return PreparedJob(self.index, self.job, self.loss, self.config, self.tokens[first:stop],
+                           self.targets[lo:hi], {k: v[lo:hi] for k, v in self.inputs.items()}, self.train)
+
+
+def prepare(index: int, job: ForwardBackwardJob, base: BaseModel, *, trainable: bool) -> PreparedJob:
+    """Check everything a job brings; raise EngineError saying exactly what is wrong."""
+    loss = losses.lookup(job.loss_fn)
+    config = losses.resolve_config(job.loss_fn, loss, job.loss_fn_config)
+    if not job.forward_only and not trainable:
+        raise EngineError(f"adapter {job.adapter_id!r} was loaded for sampling only and cannot be trained")
+    info = base.info
+    tokens, targets, inputs = [], [], {name: [] for name in loss.required + loss.optional}
+    for i, datum in enumerate(job.data):
+        where = f"datum {i}"
+        seq = _int_array(datum.tokens, f"{where}: tokens")
+        if seq.ndim != 1 or len(seq) == 0:
+            raise EngineError(f"{where}: tokens must be a non-empty 1-D array, got shape {tuple(seq.shape)}")
+        if len(seq) > info.max_context_length:
+            raise EngineError(f"{where}: {len(seq)} tokens exceed the model's context of {info.max_context_length}")
+        _check_ids(seq, info.vocab_size, f"{where}: tokens")
+        target = _target_array(datum, loss, job.loss_fn, where)
+        if target.shape[0] != len(seq):
+            raise EngineError(f"{where}: target_tokens has length {target.shape[0]} but tokens has {len(seq)}")
+        _check_ids(target, info.vocab_size, f"{where}: target_tokens")
+        for name in inputs:
+            inputs[name].append(_float_input(datum, name, target.shape, where, required=name in loss.required))
+        tokens.append(seq)
+        targets.append(target)
+    if targets and len({t.ndim for t in targets}) > 1:
+        raise EngineError("target_tokens must be 1-D in every datum or 2-D in every datum of a job")
+    flat = {name: _concat(parts, np.float32) for name, parts in inputs.items()}
+    return PreparedJob(index, job, loss, config, tokens, _concat(targets, np.int64), flat, train=not job.forward_only)
+
+
+def _int_array(value, what: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise EngineError(f"{what} must be integers, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids[(ids < 0) | (ids >= vocab_size)].flat[0])
+        raise EngineError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def _target_array(datum: DatumArrays, loss: losses.LossDef, loss_name: str, where: str) -> np.ndarray:
+    if "target_tokens" not in datum.inputs:
+        raise EngineError(f"{where}: loss {loss_name!r} needs input 'target_tokens'")
+    target = _int_array(datum.inputs["target_tokens"], f"{where}: target_tokens")
+    allowed = (1, 2) if loss.soft_targets else (1,)
+    if target.ndim not in allowed or (target.ndim == 2 and target.shape[1] == 0):
+        shapes = "[T] or [T, K]" if loss.soft_targets else "[T]"
+        raise EngineError(f"{where}: target_tokens must have shape {shapes} for loss {loss_name!r}, "
+                          f"got {tuple(target.shape)}")
+    return target
+
+
+def _float_input(datum: DatumArrays, name: str, shape: tuple[int, ...], where: str, *, required: bool) -> np.ndarray:
+    if name not in datum.inputs:
+        if required:
+            raise EngineError(f"{where}: this loss needs input {name!r}")
+        return np.ones(shape, np.float32)  # only `weights` is optional: missing means all ones
+    array = np.asarray(datum.inputs[name])
+    if array.dtype.kind not in "fiu":
+        raise EngineError(f"{where}: {name} must be numbers, got dtype {array.dtype}")
+    if array.shape != shape:
+        raise EngineError(f"{where}: {name} has shape {tuple(array.shape)} but target_tokens has {tuple(shape)}")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise EngineError(f"{where}: {name} contains NaN or infinity")
+    return array
+
+
+def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+
+# One forward holds at most this many padded tokens, and this many logits (kept positions x vocab;
+# the float32 logits and their log-softmax then take ~2 GiB). Larger calls run as several micro-
+# batches, each with its own backward: the losses are sums over datums, so the accumulated
+# gradient is the same as from one big batch.
+MAX_BATCH_TOKENS = 1 << 16
+MAX_LOGIT_ELEMENTS = 1 << 28
+
+
+def run(base: BaseModel, jobs: list[PreparedJob]) -> dict[int, ForwardBackwardResult]:
+    """Forward all jobs together, backward the training jobs' summed losses; results by job index.
+
+    Gradients accumulate in the adapters' tensors until their optimizer step."""
+    jobs = sorted(jobs, key=lambda j: j.job.adapter_id)  # stable: an adapter's rows are contiguous
+    parts: dict[int, list[tuple[np.ndarray, float, dict[str, float], int]]] = {job.index: [] for job in jobs}
+    for batch in _micro_batches(jobs, base.info.vocab_size):
+        for index, part in _run_batch(base, batch).items():
+            parts[index].append(part)
+    return {job.index: _merge(job, parts[job.index]) for job in jobs}
+
+
+def _micro_batches(jobs: list[PreparedJob], vocab_size: int):
+    """Lists of job pieces (whole jobs where they fit) that respect the memory limits."""
+    batch, rows, width, tokens = [], 0, 0, 0
+    for job in jobs:
+        first = 0
+        for d, n in enumerate(job.lengths):
+            fits = (rows + 1) * max(width, n) <= MAX_BATCH_TOKENS and (tokens + n) * vocab_size <= MAX_LOGIT_ELEMENTS
+            if rows and not fits:  # close the batch before datum d
+                if d > first:
+                    batch.append(job.piece(first, d))
+                yield batch
+                batch, rows, width, tokens, first = [], 0, 0, 0, d
+            rows, width, tokens = rows + 1, max(width, n), tokens + n
+        if job.lengths[first:]:
+            batch.append(job.piece(first, len(job.lengths)))
+    if batch:
+        yield batch
+
+
+def _run_batch(base: BaseModel, jobs: list[PreparedJob]) -> dict[int, tuple]:
+    """One padded forward (and backward if any job trains) over `jobs`, all with datums."""
+    model, routing, device = base.model, base.routing, base.device
+    lengths = np.array([n for job in jobs for n in job.lengths])
+    width = int(lengths.max())
+    batch = np.zeros((len(lengths), width), np.int64)  # pad id 0: any valid id works, pads are never read
+    for r, seq in enumerate(seq for job in jobs for seq in job.tokens):
+        batch[r, : len(seq)] = seq
+    keep = np.flatnonzero(np.arange(width)[None, :] < lengths[:, None])  # real tokens, row by row
+    row_groups = lora.groups_from_owners([job.job.adapter_id for job in jobs for _ in job.tokens])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])  # row -> its first real token among the kept
+    token_groups = [(a, int(offsets[s]), int(offsets[e])) for a, s, e in row_groups]
+
+    with torch.set_grad_enabled(any(job.train for job in jobs)):
+        routing.set(row_groups, torch.from_numpy(keep).to(device), token_groups)
+        try:
+            logits = model(input_ids=torch.from_numpy(batch).to(device), use_cache=False).logits
+        finally:
+            routing.clear()
+        logprobs_all = logits.float().log_softmax(-1)  # [N, vocab]
+        total, raw, start = None, {}, 0
+        for job in jobs:
+            stop = start + sum(job.lengths)
+            targets = torch.from_numpy(job.targets).to(device)
+            lp = logprobs_all[start:stop].gather(1, targets.view(len(targets), -1)).view(targets.shape)
+            inputs = {k: torch.from_numpy(v).to(device) for k, v in job.inputs.items()}
+            loss, metrics = job.loss.fn(lp, inputs, job.config)
+            if job.train:
+                total = loss if total is None else total + loss
+            raw[job.index] = (lp.detach(), loss.detach(), metrics, stop - start)
+            start = stop
+        if total is not None:
+            total.backward()
+    return {index: (lp.cpu().numpy(), float(loss), metrics, n) for index, (lp, loss, metrics, n) in raw.items()}
+
+
+def _merge(job: PreparedJob, parts: list[tuple]) -> ForwardBackwardResult:
+    """The result of a job from its micro-batch pieces (usually just one)."""
+    logprobs = np.concatenate([lp for lp, *_ in parts]) if parts else np.zeros(job.targets.shape, np.float32)
+    ntokens = sum(n for *_, n in parts)
+    metrics = {"loss:sum": sum(loss for _, loss, _, _ in parts), "ntokens:sum": float(ntokens)}
+    for key in {k for _, _, m, _ in parts for k in m}:
+        values = [(m[key], n) for _, _, m, n in parts]
+        reduction = key.rsplit(":", 1)[1]
+        if reduction == "sum":
+            metrics[key] = sum(v for v, _ in values)
+        elif reduction == "mean":  # token-weighted, as if computed over the whole job
+            metrics[key] = sum(v * n for v, n in values) / max(1, sum(n for _, n in values))
+        else:
+            metrics[key] = (max if reduction == "max" else min)(v for v, _ in values)
+    per_datum = np.split(logprobs.astype(np.float32, copy=False), np.cumsum(job.lengths)[:-1]) if job.tokens else []
+    return ForwardBackwardResult(outputs=[{"logprobs": arr} for arr in per_datum], metrics=metrics)
