@@ -28,7 +28,7 @@ from ..store import CheckpointRow, SamplingSessionRow, SessionRow, TrainingRunRo
 
 router = APIRouter(prefix="/api/v1")
 Limit = Annotated[int, Query(ge=0, le=10_000)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=2**31)]
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 
 

@@ -75,6 +75,8 @@ def enqueue(runtime: Runtime, tenant: str, model_id: str, seq_id: int | None, re
 def _lora_spec(rank: int, seed: int | None, train_mlp: bool, train_attn: bool, train_unembed: bool) -> LoraSpec:
     if not 1 <= rank <= MAX_RANK:
         raise bad_request(f"LoRA rank must be between 1 and {MAX_RANK}, not {rank}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise bad_request("the LoRA seed must be between 0 and 2**63 - 1")
     if not (train_mlp or train_attn or train_unembed):
         raise bad_request("at least one of train_mlp, train_attn and train_unembed must be true")
     return LoraSpec(rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn, train_unembed=train_unembed)
