@@ -71,6 +71,23 @@ def test_supervised_loss_falls_by_more_than_half(trained):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_the_run_keeps_its_metric_history(trained, server):
+    import httpx
+
+    training, _, batch, losses = trained
+    history = httpx.get(f"{server.base_url}/api/v1/training_runs/{training.model_id}/metrics",
+                        headers={"X-API-Key": ALICE}).json()["metrics"]
+    steps = [h for h in history if h["request_type"] == "ForwardBackward"]
+    optim = [h for h in history if h["request_type"] == "OptimStep"]
+    assert len(steps) >= len(losses) and len(optim) >= len(losses)
+    assert [s["seq_id"] for s in history] == sorted(s["seq_id"] for s in history)
+    total_weight = sum(float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in batch)
+    recorded = [s["metrics"]["loss:sum"] / total_weight for s in steps[: len(losses)]]
+    assert recorded == pytest.approx(losses, rel=1e-6)  # the same numbers the SDK got back, in order
+    assert httpx.get(f"{server.base_url}/api/v1/training_runs/{training.model_id}/metrics",
+                     headers={"X-API-Key": BOB}).status_code == 404
+
+
 def test_per_datum_logprobs_match_loss(trained):
     training, _, batch, _ = trained
     out = training.forward(batch, "cross_entropy").result()

@@ -14,7 +14,7 @@ from typing import Literal
 
 from tinkex.types import ForwardBackwardOutput, SampleResponse, WireModel
 
-from .store import RequestRow, Store
+from .store import MetricRow, RequestRow, Store
 
 ResultKind = Literal["json", "forward_backward", "sample"]
 _KEEP_FINISHED_SECONDS = 600.0  # finished futures stay in memory this long; the store keeps them for good
@@ -42,6 +42,8 @@ class Future:
     request_id: str
     tenant: str
     request_type: str
+    model_id: str | None = None  # training requests: their metrics go into the run's history
+    seq_id: int | None = None
     outcome: Outcome | None = None
     finished_at: float | None = None
     waiters: list[asyncio.Event] = field(default_factory=list)
@@ -58,8 +60,10 @@ class FutureTable:
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def create(self, tenant: str, request_type: str) -> Future:
-        future = Future(request_id=uuid.uuid4().hex, tenant=tenant, request_type=request_type)
+    def create(self, tenant: str, request_type: str, model_id: str | None = None,
+               seq_id: int | None = None) -> Future:
+        future = Future(request_id=uuid.uuid4().hex, tenant=tenant, request_type=request_type,
+                        model_id=model_id, seq_id=seq_id)
         self._store.add(RequestRow(id=future.request_id, tenant=tenant, request_type=request_type))
         with self._lock:
             self._futures[future.request_id] = future
@@ -70,8 +74,13 @@ class FutureTable:
         payload = None
         if outcome.result is not None:
             payload = outcome.result.model_dump_json(exclude_none=True).encode()
-        self._store.finish_request(future.request_id, kind=outcome.kind, result=payload,
-                                   error=outcome.error, category=outcome.category if outcome.error else None)
+        metrics = getattr(outcome.result, "metrics", None)
+        history = None
+        if metrics and future.model_id is not None:
+            history = MetricRow(training_run_id=future.model_id, seq_id=future.seq_id or 0,
+                                request_type=future.request_type, metrics=metrics)
+        self._store.finish_request(future.request_id, kind=outcome.kind, result=payload, error=outcome.error,
+                                   category=outcome.category if outcome.error else None, metrics=history)
         with self._lock:
             future.outcome = outcome
             future.finished_at = time.monotonic()

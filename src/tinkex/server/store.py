@@ -108,6 +108,18 @@ class RequestRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class MetricRow(Base):
+    """The metrics one training request returned, for the run's history (loss curves and the like)."""
+
+    __tablename__ = "metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    training_run_id: Mapped[str] = mapped_column(String, index=True)
+    seq_id: Mapped[int] = mapped_column(Integer)
+    request_type: Mapped[str] = mapped_column(String)
+    metrics: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 def _as_utc(value: datetime | None) -> datetime | None:
     # SQLite hands datetimes back naive; they were written in UTC.
     if value is not None and value.tzinfo is None:
@@ -184,9 +196,17 @@ class Store:
             return session.scalar(select(func.count()).select_from(model).filter_by(**filters)) or 0
 
     def finish_request(self, request_id: str, *, kind: str | None = None, result: bytes | None = None,
-                       error: str | None = None, category: str | None = None) -> None:
-        self.update(RequestRow, request_id, status="failed" if error is not None else "done", result_kind=kind,
-                    result=result, error=error, category=category, finished_at=utcnow())
+                       error: str | None = None, category: str | None = None,
+                       metrics: MetricRow | None = None) -> None:
+        """Record a request's end, and the metrics it produced, in one transaction."""
+        with self.session() as session:
+            row = session.get(RequestRow, request_id)
+            if row is not None:
+                row.status = "failed" if error is not None else "done"
+                row.result_kind, row.result, row.error, row.category = kind, result, error, category
+                row.finished_at = utcnow()
+            if metrics is not None:
+                session.add(metrics)
 
     def mark_unfinished_lost(self) -> int:
         """After a restart, work that was in flight is gone: its futures answer 410 so SDKs resubmit."""

@@ -24,7 +24,9 @@ from tinkex.types._rest import SEGMENTS
 
 from ..deps import RuntimeDep, TenantDep
 from ..runtime import Runtime, bad_request, not_found
-from ..store import CheckpointRow, SamplingSessionRow, SessionRow, TrainingRunRow, utcnow
+from sqlalchemy import select
+
+from ..store import CheckpointRow, MetricRow, SamplingSessionRow, SessionRow, TrainingRunRow, utcnow
 
 router = APIRouter(prefix="/api/v1")
 Limit = Annotated[int, Query(ge=0, le=10_000)]
@@ -65,6 +67,17 @@ def list_training_runs(runtime: RuntimeDep, tenant: TenantDep, limit: Limit = 20
 @router.get("/training_runs/{run_id}")
 def get_training_run(run_id: str, runtime: RuntimeDep, tenant: TenantDep) -> TrainingRun:
     return _training_run(runtime, runtime.training_run(run_id, tenant))
+
+
+@router.get("/training_runs/{run_id}/metrics")
+def run_metrics(run_id: str, runtime: RuntimeDep, tenant: TenantDep, after_seq_id: int = -1) -> dict:
+    """The metrics each forward_backward and optim_step returned, in order (a tinkex addition)."""
+    runtime.training_run(run_id, tenant)
+    with runtime.store.session() as session:
+        rows = session.scalars(select(MetricRow).where(MetricRow.training_run_id == run_id,
+                                                       MetricRow.seq_id > after_seq_id).order_by(MetricRow.seq_id))
+        return {"metrics": [{"seq_id": r.seq_id, "request_type": r.request_type, "metrics": r.metrics,
+                             "time": r.created_at.isoformat()} for r in rows]}
 
 
 @router.get("/training_runs/{run_id}/checkpoints")

@@ -60,11 +60,13 @@ def enqueue(runtime: Runtime, tenant: str, model_id: str, seq_id: int | None, re
         if seq_id is not None and runtime.scheduler.has_model(model_id):
             runtime.scheduler.skip(model_id, seq_id)
         raise
-    future = runtime.futures.create(tenant, request_type)
+    if seq_id is None:
+        seq_id = runtime.scheduler.next_seq(model_id)
+    future = runtime.futures.create(tenant, request_type, model_id, seq_id)
     work = built if isinstance(built, Work) else Work(future=future, run=built)
     work.future = future
     try:
-        runtime.scheduler.submit(model_id, seq_id if seq_id is not None else runtime.scheduler.next_seq(model_id), work)
+        runtime.scheduler.submit(model_id, seq_id, work)
     except SeqIdError as exc:
         runtime.futures.resolve(future, Outcome(error=str(exc), category="user"))
         raise bad_request(str(exc)) from None
