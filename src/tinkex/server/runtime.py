@@ -7,6 +7,7 @@ import logging
 import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tinkex.types._rest import SEGMENTS
 
 from .futures import FutureTable
 from .scheduler import Scheduler
-from .store import CheckpointRow, SamplingSessionRow, SessionRow, Store, TrainingRunRow
+from .store import CheckpointRow, SamplingSessionRow, SessionRow, Store, TrainingRunRow, utcnow
 
 log = logging.getLogger("tinkex.server")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -73,6 +74,7 @@ class Runtime:
         self.scheduler = Scheduler(engine, self.futures, self._prepare_sample)
         self._tenants = {hash_key(key): tenant for key, tenant in settings.api_keys.items()}
         self._sampler_dirs: dict[str, Path] = {}
+        self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
         self.faults: dict[str, list[int]] = {}  # path -> [status, remaining]
 
@@ -109,6 +111,13 @@ class Runtime:
         if row is None:
             raise not_found(f"model {model_id!r}")
         return row
+
+    def touch_run(self, model_id: str) -> None:
+        """Record a run's last request time; at most every few seconds, to keep writes off the hot path."""
+        now = time.monotonic()
+        if now - self._touched.get(model_id, -1e9) >= 5.0:
+            self._touched[model_id] = now
+            self.store.update(TrainingRunRow, model_id, last_request_time=utcnow())
 
     def live_model(self, model_id: str, tenant: str) -> TrainingRunRow:
         """A training run whose weights are loaded in this server process."""

@@ -111,7 +111,7 @@ class JoinSamplingSessionRequest(WireModel):
 
 class JoinSamplingSessionResponse(WireModel):
     client_counter: int
-    type: Literal["join_sampling_session"] | None = None
+    type: Literal["join_sampling_session"] = "join_sampling_session"
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class CreateCustomLossRequest(WireModel):
 
 class CreateCustomLossResponse(WireModel):
     loss_id: str
-    type: Literal["create_custom_loss"] | None = None
+    type: Literal["create_custom_loss"] = "create_custom_loss"
 
 
 # ---- session search -----------------------------------------------------------------------------

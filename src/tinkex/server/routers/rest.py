@@ -32,6 +32,7 @@ router = APIRouter(prefix="/api/v1")
 Limit = Annotated[int, Query(ge=0, le=10_000)]
 Offset = Annotated[int, Query(ge=0, le=2**31)]
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+_FINAL = {"x-should-retry": "false"}  # SDKs retry 409s unless told this one is final
 
 
 def _checkpoint(row: CheckpointRow) -> Checkpoint:
@@ -111,7 +112,7 @@ def delete_checkpoint(run_id: str, checkpoint_id: str, runtime: RuntimeDep, tena
 def publish_checkpoint(run_id: str, checkpoint_id: str, runtime: RuntimeDep, tenant: TenantDep) -> dict:
     row = runtime.owned_checkpoint(run_id, checkpoint_id, tenant)
     if row.public:
-        raise HTTPException(status_code=409, detail=f"{row.tinker_path} is already public")
+        raise HTTPException(status_code=409, detail=f"{row.tinker_path} is already public", headers=_FINAL)
     runtime.store.update(CheckpointRow, row.tinker_path, public=True)
     return {}
 
@@ -119,7 +120,7 @@ def publish_checkpoint(run_id: str, checkpoint_id: str, runtime: RuntimeDep, ten
 def unpublish_checkpoint(run_id: str, checkpoint_id: str, runtime: Runtime, tenant: str) -> dict:
     row = runtime.owned_checkpoint(run_id, checkpoint_id, tenant)
     if not row.public:
-        raise HTTPException(status_code=409, detail=f"{row.tinker_path} is not public")
+        raise HTTPException(status_code=409, detail=f"{row.tinker_path} is not public", headers=_FINAL)
     runtime.store.update(CheckpointRow, row.tinker_path, public=False)
     return {}
 

@@ -70,7 +70,7 @@ def enqueue(runtime: Runtime, tenant: str, model_id: str, seq_id: int | None, re
     except SeqIdError as exc:
         runtime.futures.resolve(future, Outcome(error=str(exc), category="user"))
         raise bad_request(str(exc)) from None
-    runtime.store.update(TrainingRunRow, model_id, last_request_time=utcnow())
+    runtime.touch_run(model_id)
     return UntypedAPIFuture(request_id=future.request_id, model_id=model_id)
 
 

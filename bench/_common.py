@@ -1,0 +1,92 @@
+"""Shared pieces of the benchmarks: models built on the fly, batches, a raw PyTorch + peft baseline."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_llama_30m(directory: Path) -> Path:
+    """A ~32 M-parameter Llama (hidden 512, 10 layers, vocabulary 2048), random-init, saved once."""
+    if (directory / "config.json").exists():
+        return directory
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tinkex.engine import builtin
+
+    config = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=10,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    from transformers import AutoTokenizer
+
+    # The built-in model's tokenizer (2,048 tokens) serves the bigger model too.
+    snapshot = builtin.materialize(builtin.hub_cache_dir())
+    AutoTokenizer.from_pretrained(snapshot).save_pretrained(directory)
+    return directory
+
+
+def random_batch(n: int, length: int, vocab: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input tokens, target tokens) pairs: next-token prediction on random sequences."""
+    rng = np.random.default_rng(seed)
+    batch = []
+    for _ in range(n):
+        tokens = rng.integers(3, vocab, size=length + 1)
+        batch.append((tokens[:-1], tokens[1:]))
+    return batch
+
+
+def to_datums(types, batch):
+    return [types.Datum(model_input=types.ModelInput.from_ints(inp.tolist()),
+                        loss_fn_inputs={"target_tokens": tgt.astype(np.int64),
+                                        "weights": np.ones(len(tgt), dtype=np.float32)})
+            for inp, tgt in batch]
+
+
+def raw_peft_step_fn(model_name: str, batch, rank: int, learning_rate: float = 1e-4):
+    """The baseline: the same model, batch, LoRA rank and AdamW, as a plain PyTorch + peft loop."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_name, torch_dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                  betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    inputs = torch.tensor(np.stack([b[0] for b in batch]))
+    targets_t = torch.tensor(np.stack([b[1] for b in batch]))
+
+    def step() -> None:
+        logits = model(input_ids=inputs).logits
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, targets_t[..., None])[..., 0]
+        (-logprobs.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> str:
+    ordered = sorted(times)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return f"median {statistics.median(times) * 1e3:.1f} ms, p95 {p95 * 1e3:.1f} ms"

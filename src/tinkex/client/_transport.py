@@ -1,0 +1,273 @@
+"""HTTP to a Tinker server: httpx clients per purpose, retries with backoff, typed errors.
+
+One `Transport` belongs to one holder (one base URL and credential). Its httpx clients live on
+the SDK event loop. `request()` is the only way a request leaves the SDK; it applies the retry
+rules of the protocol:
+
+- connection errors and timeouts, and statuses 408, 409, 429 and >= 500 are retried, unless the
+  server says `x-should-retry: false` (and `x-should-retry: true` makes anything retryable);
+- the delay is the server's `retry-after-ms` / `retry-after` when it lies in (0, 60] s, otherwise
+  `min(0.5 * 2**n, 10)` s less up to 25 % jitter;
+- every non-GET request carries an `x-idempotency-key`, the same for all retries of one call;
+- a 400 with an empty body is a proxy dropping the request, treated as a connection error;
+- what is left over becomes a typed error: an APIStatusError subclass chosen by status,
+  APIConnectionError or APITimeoutError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import email.utils
+import json as jsonlib
+import logging
+import os
+import platform
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import httpx
+
+from ..types._exceptions import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    status_error_class,
+)
+from ._constants import PROTOCOL_SDK_VERSION, TINKEX_VERSION
+
+logger = logging.getLogger("tinkex")
+
+# The public method that is running (e.g. "TrainingClient.forward_backward"); only the outermost
+# call counts, and background work (heartbeat, telemetry, config) carries none.
+current_sdk_method: contextvars.ContextVar[str | None] = contextvars.ContextVar("tinkex_sdk_method", default=None)
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+DEFAULT_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 5.0
+MAX_RETRY_DELAY_S = 10.0
+INITIAL_RETRY_DELAY_S = 0.5
+
+PURPOSES = ("session", "train", "sample", "retrieve", "rest", "telemetry")
+
+
+def _arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64"}.get(machine, machine or "unknown")
+
+
+def _platform_headers() -> dict[str, str]:
+    return {
+        "user-agent": f"tinkex/{TINKEX_VERSION} (AsyncTinker/Python {PROTOCOL_SDK_VERSION} compatible)",
+        "x-stainless-lang": "python",
+        "x-stainless-package-version": PROTOCOL_SDK_VERSION,
+        "x-stainless-os": platform.system() or "Unknown",
+        "x-stainless-arch": _arch(),
+        "x-stainless-runtime": platform.python_implementation(),
+        "x-stainless-runtime-version": platform.python_version(),
+        "x-stainless-async": "async:asyncio",
+        "x-tinkex-version": TINKEX_VERSION,
+    }
+
+
+def should_retry_status(response: httpx.Response) -> bool:
+    override = response.headers.get("x-should-retry")
+    if override == "true":
+        return True
+    if override == "false":
+        return False
+    return response.status_code in RETRYABLE_STATUSES or response.status_code >= 500
+
+
+def server_retry_after(response: httpx.Response | None) -> float | None:
+    """The server's requested delay in seconds, when it is in (0, 60]."""
+    if response is None:
+        return None
+    delay: float | None = None
+    ms = response.headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            delay = float(ms) / 1000.0
+        except ValueError:
+            delay = None
+    if delay is None:
+        value = response.headers.get("retry-after")
+        if value is not None:
+            try:
+                delay = float(value)
+            except ValueError:
+                parsed = email.utils.parsedate_tz(value)
+                if parsed is not None:
+                    delay = email.utils.mktime_tz(parsed) - time.time()
+    if delay is not None and 0 < delay <= 60:
+        return delay
+    return None
+
+
+def retry_delay(attempt: int, response: httpx.Response | None = None) -> float:
+    """Seconds to wait before retry number `attempt` (0-based)."""
+    from_server = server_retry_after(response)
+    if from_server is not None:
+        return from_server
+    base = min(INITIAL_RETRY_DELAY_S * 2.0**attempt, MAX_RETRY_DELAY_S)
+    return base * (1.0 - 0.25 * random.random())
+
+
+def parse_body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (ValueError, UnicodeDecodeError):
+        try:
+            return response.text or None
+        except Exception:
+            return None
+
+
+def make_status_error(response: httpx.Response) -> APIStatusError:
+    body = parse_body(response)
+    shown = jsonlib.dumps(body) if isinstance(body, (dict, list)) else body
+    message = f"Error code: {response.status_code} - {shown}"
+    return status_error_class(response.status_code)(message, response=response, body=body)
+
+
+def _is_proxy_rejection(response: httpx.Response) -> bool:
+    return response.status_code == 400 and not response.content
+
+
+class Transport:
+    """The HTTP side of one holder: base URL, credential, default headers and httpx clients."""
+
+    def __init__(self, base_url: str, api_key: str, default_headers_overrides: Mapping[str, str] | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.default_headers_overrides = dict(default_headers_overrides or {})
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._pid = os.getpid()
+        headers = _platform_headers()
+        for env_name, header in (("CLOUDFLARE_ACCESS_CLIENT_ID", "CF-Access-Client-Id"),
+                                 ("CLOUDFLARE_ACCESS_CLIENT_SECRET", "CF-Access-Client-Secret")):
+            if os.environ.get(env_name):
+                headers[header] = os.environ[env_name]
+        headers.update(self.default_headers_overrides)
+        self._default_headers = headers
+        # Set by the holder in JWT mode: re-exchange the credential after a 401 invalid_token.
+        self.reauthenticate: Callable[[], Awaitable[None]] | None = None
+
+    def client(self, purpose: str) -> httpx.AsyncClient:
+        """The httpx client for one purpose; each purpose has its own connection pool."""
+        if self._pid != os.getpid():  # a forked child cannot use the parent's connections
+            self._clients, self._pid = {}, os.getpid()
+        client = self._clients.get(purpose)
+        if client is None:
+            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=20)
+            client = httpx.AsyncClient(
+                http2=True,
+                limits=limits,
+                timeout=httpx.Timeout(DEFAULT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+                follow_redirects=True,
+            )
+            self._clients[purpose] = client
+        return client
+
+    def url(self, path: str) -> str:
+        if path.startswith("http://") or path.startswith("https://"):
+            return path
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    def headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = dict(self._default_headers)
+        headers["x-api-key"] = self.api_key
+        method = current_sdk_method.get()
+        if method:
+            headers["x-sdk-version"] = PROTOCOL_SDK_VERSION
+            headers["x-sdk-method"] = method
+        if extra:
+            headers.update(extra)
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        purpose: str = "session",
+        json: Any = None,
+        content: bytes | None = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        max_retries: int = 10,
+        idempotency_key: str | None = None,
+        follow_redirects: bool = True,
+    ) -> httpx.Response:
+        """Send one call (with its retries) and return the successful response, or raise typed."""
+        client = self.client(purpose)
+        base_headers = self.headers(headers)
+        if method.upper() != "GET":
+            key = idempotency_key or f"stainless-python-retry-{uuid.uuid4()}"
+            base_headers.setdefault("x-idempotency-key", key)
+        if json is not None and content is None:
+            content = jsonlib.dumps(json, separators=(",", ":")).encode()
+            base_headers.setdefault("content-type", "application/json")
+        base_headers.setdefault("accept", "application/json")
+        http_timeout = httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT_S, timeout or CONNECT_TIMEOUT_S))
+        if timeout is not None:
+            base_headers["x-stainless-read-timeout"] = str(timeout)
+        url = self.url(path)
+        attempt = 0
+        reauthenticated = False
+        while True:
+            request_headers = dict(base_headers)
+            request_headers["x-stainless-retry-count"] = str(attempt)
+            request = client.build_request(method, url, content=content, params=params, headers=request_headers,
+                                           timeout=http_timeout)
+            response: httpx.Response | None = None
+            error: Exception | None = None
+            try:
+                response = await client.send(request, follow_redirects=follow_redirects)
+            except httpx.TimeoutException:
+                error = APITimeoutError(request)
+            except httpx.TransportError as exc:
+                error = APIConnectionError(request, f"Connection error: {type(exc).__name__}: {exc}")
+            if response is not None:
+                self._log_deprecation(response)
+                if response.is_success or (not follow_redirects and response.is_redirect):
+                    return response
+                if (response.status_code == 401 and self.reauthenticate is not None and not reauthenticated
+                        and 'error="invalid_token"' in response.headers.get("www-authenticate", "")):
+                    reauthenticated = True
+                    await self.reauthenticate()
+                    base_headers["x-api-key"] = self.api_key
+                    continue
+                if _is_proxy_rejection(response):
+                    error = APIConnectionError(request, "Connection error: empty 400 (request rejected by a proxy)")
+                else:
+                    retryable = should_retry_status(response)
+                    if not retryable or attempt >= max_retries:
+                        raise make_status_error(response)
+                    error = None
+            if error is not None and attempt >= max_retries:
+                raise error
+            delay = retry_delay(attempt, response)
+            logger.debug("retrying %s %s in %.2fs (attempt %d, %s)", method, path, delay, attempt + 1,
+                         response.status_code if response is not None else type(error).__name__)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    def _log_deprecation(response: httpx.Response) -> None:
+        note = response.headers.get("x-deprecation-note")
+        if note:
+            level = logging.ERROR if response.headers.get("x-deprecation-level") == "error" else logging.WARNING
+            logger.log(level, "server deprecation note: %s", note)
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            try:
+                await client.aclose()
+            except Exception:
+                pass

@@ -1,0 +1,164 @@
+"""Transport: retries, backoff, Retry-After, x-should-retry, idempotency keys and typed errors,
+against a real HTTP server on loopback that answers from a script."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+
+from tinkex import types
+from tinkex.client._transport import Transport, current_sdk_method, retry_delay, server_retry_after
+
+from ._http import Reply
+
+KEY = "tml-test-key"
+
+
+def _request(transport: Transport, *args, **kwargs):
+    async def run():
+        try:
+            return await transport.request(*args, **kwargs)
+        finally:
+            await transport.aclose()
+    return asyncio.run(run())
+
+
+def test_retries_429_and_503_honouring_retry_after(scripted):
+    scripted.script("/api/v1/thing",
+                    Reply(429, {"detail": "slow down"}, {"retry-after-ms": "40"}),
+                    Reply(503, {"detail": "busy"}, {"retry-after": "0.05"}),
+                    Reply(200, {"ok": True}))
+    started = time.monotonic()
+    response = _request(Transport(scripted.base_url, KEY), "POST", "/api/v1/thing", json={"a": 1})
+    elapsed = time.monotonic() - started
+    assert response.json() == {"ok": True}
+    sent = scripted.requests_to("/api/v1/thing")
+    assert len(sent) == 3
+    # The server's delays (40 ms, 50 ms) were used instead of the default 0.5 s / 1 s backoff.
+    assert elapsed < 0.6
+    keys = {r.headers["x-idempotency-key"] for r in sent}
+    assert len(keys) == 1 and next(iter(keys)).startswith("stainless-python-retry-")
+    assert [r.headers["x-stainless-retry-count"] for r in sent] == ["0", "1", "2"]
+    assert all(r.headers["x-api-key"] == KEY and r.json() == {"a": 1} for r in sent)
+
+
+def test_default_backoff_is_exponential_with_jitter():
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (5, 10.0), (20, 10.0)]:
+        delays = [retry_delay(attempt) for _ in range(50)]
+        assert all(0.75 * ceiling <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1  # jittered
+
+
+def test_retry_after_bounds():
+    def resp(**headers):
+        return httpx.Response(429, headers=headers)
+    assert server_retry_after(resp(**{"retry-after-ms": "1500"})) == 1.5
+    assert server_retry_after(resp(**{"retry-after": "3"})) == 3.0
+    assert server_retry_after(resp(**{"retry-after": "120"})) is None  # beyond 60 s: ignored
+    assert server_retry_after(resp(**{"retry-after": "0"})) is None
+    date = httpx.Response(429, headers={"retry-after": time.strftime("%a, %d %b %Y %H:%M:%S GMT",
+                                                                      time.gmtime(time.time() + 5))})
+    assert 3 <= server_retry_after(date) <= 6
+
+
+@pytest.mark.parametrize("status, error", [
+    (400, types.BadRequestError), (401, types.AuthenticationError), (402, types.BillingError),
+    (403, types.PermissionDeniedError), (404, types.NotFoundError), (422, types.UnprocessableEntityError),
+])
+def test_4xx_is_a_typed_error_without_retry(scripted, status, error):
+    scripted.script("/api/v1/thing", Reply(status, {"detail": "nope"}))
+    with pytest.raises(error) as info:
+        _request(Transport(scripted.base_url, KEY), "POST", "/api/v1/thing", json={})
+    assert len(scripted.requests_to("/api/v1/thing")) == 1
+    assert info.value.status_code == status
+    assert info.value.body == {"detail": "nope"}
+    assert str(info.value) == f'Error code: {status} - {{"detail": "nope"}}'
+    assert isinstance(info.value, types.APIStatusError) and isinstance(info.value, types.TinkerError)
+
+
+def test_retryable_statuses_exhaust_into_typed_errors(scripted):
+    for status, error in [(408, types.APIStatusError), (409, types.ConflictError), (429, types.RateLimitError),
+                          (500, types.InternalServerError), (502, types.InternalServerError)]:
+        scripted.script(f"/api/v1/s{status}", *[Reply(status, {"detail": "x"}, {"retry-after-ms": "1"})] * 3)
+        with pytest.raises(error):
+            _request(Transport(scripted.base_url, KEY), "POST", f"/api/v1/s{status}", json={}, max_retries=2)
+        assert len(scripted.requests_to(f"/api/v1/s{status}")) == 3
+
+
+def test_x_should_retry_overrides_status(scripted):
+    scripted.script("/api/v1/no", Reply(503, {"detail": "final"}, {"x-should-retry": "false"}))
+    with pytest.raises(types.InternalServerError):
+        _request(Transport(scripted.base_url, KEY), "POST", "/api/v1/no", json={})
+    assert len(scripted.requests_to("/api/v1/no")) == 1
+
+    scripted.script("/api/v1/yes", Reply(400, {"detail": "again"}, {"x-should-retry": "true", "retry-after-ms": "1"}),
+                    Reply(200, {"ok": 1}))
+    assert _request(Transport(scripted.base_url, KEY), "POST", "/api/v1/yes", json={}).json() == {"ok": 1}
+    assert len(scripted.requests_to("/api/v1/yes")) == 2
+
+
+def test_empty_400_is_a_dropped_connection_and_retried(scripted):
+    scripted.script("/api/v1/proxy", Reply(400, b""), Reply(200, {"ok": 1}))
+    assert _request(Transport(scripted.base_url, KEY), "POST", "/api/v1/proxy", json={}).json() == {"ok": 1}
+    scripted.script("/api/v1/proxy2", Reply(400, b""))
+    with pytest.raises(types.APIConnectionError):
+        _request(Transport(scripted.base_url, KEY), "POST", "/api/v1/proxy2", json={}, max_retries=0)
+
+
+def test_connection_refused_and_timeout_are_typed():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(types.APIConnectionError) as info:
+        _request(Transport(f"http://127.0.0.1:{port}", KEY), "GET", "/api/v1/x", max_retries=1)
+    assert not isinstance(info.value, types.APITimeoutError)
+
+
+def test_timeout_is_api_timeout_error(scripted):
+    scripted.script("/api/v1/slow", Reply(200, {"ok": 1}, delay=1.0))
+    with pytest.raises(types.APITimeoutError):
+        _request(Transport(scripted.base_url, KEY), "POST", "/api/v1/slow", json={}, timeout=0.2, max_retries=0)
+
+
+def test_standard_headers_and_sdk_method(scripted):
+    scripted.script("/api/v1/h", Reply(200, {}), Reply(200, {}))
+    transport = Transport(scripted.base_url, KEY, {"X-Custom": "yes"})
+
+    async def run():
+        await transport.request("GET", "/api/v1/h")
+        token = current_sdk_method.set("TrainingClient.forward_backward")
+        try:
+            await transport.request("POST", "/api/v1/h", json={})
+        finally:
+            current_sdk_method.reset(token)
+        await transport.aclose()
+
+    asyncio.run(run())
+    background, public = scripted.requests_to("/api/v1/h")
+    for record in (background, public):
+        assert record.headers["x-api-key"] == KEY
+        assert record.headers["x-stainless-package-version"] == "0.38.0"
+        assert record.headers["x-stainless-async"] == "async:asyncio"
+        assert record.headers["x-custom"] == "yes"
+        assert "AsyncTinker/Python 0.38.0" in record.headers["user-agent"]
+    assert "x-idempotency-key" not in background.headers  # GETs carry none
+    assert "x-sdk-method" not in background.headers
+    assert public.headers["x-sdk-method"] == "TrainingClient.forward_backward"
+    assert public.headers["x-sdk-version"] == "0.38.0"
+
+
+def test_final_conflict_is_not_retried_by_the_submit_loop(scripted):
+    """x-should-retry: false also stops the submit-level retry loop (409 is otherwise retried)."""
+    import tinkex
+
+    path = "/api/v1/training_runs/s:train:0/checkpoints/weights/a/publish"
+    scripted.script(path, Reply(409, {"detail": "already public"}, {"x-should-retry": "false"}))
+    rest = tinkex.RestClient(base_url=scripted.base_url, api_key=KEY)
+    started = time.monotonic()
+    with pytest.raises(types.ConflictError):
+        rest.publish_checkpoint_from_tinker_path("tinker://s:train:0/weights/a").result(30)
+    assert len(scripted.requests_to(path)) == 1 and time.monotonic() - started < 2
