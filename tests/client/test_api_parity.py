@@ -3,7 +3,7 @@
 "Compatible": the same name; a method is async exactly when the official one is; every official
 parameter exists with the same kind (positional order kept) and, where it has a default, ours has the
 same default; any extra parameter of ours is optional. Deliberate differences are listed below and in
-docs/porting.md.
+the README (Deliberate differences).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ CLIENT_CLASSES = ["ServiceClient", "TrainingClient", "SamplingClient", "RestClie
                   "BackcompatTrainingClientFuture", "BackcompatSamplingClientFuture", "LossHandle"]
 DUNDERS = {"__init__", "__reduce__", "__await__", "__enter__", "__exit__"}
 
-# Deliberate differences (also in docs/porting.md). Keys are "Class.method" or "types.Name.field".
+# Deliberate differences (also in the README (Deliberate differences)). Keys are "Class.method" or "types.Name.field".
 DELIBERATE = {
     # The official model names this field optim_params (serialised as adam_params / optimizer_params);
     # tinkex names it after the wire and accepts optim_params and optimizer_params as aliases.
