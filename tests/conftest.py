@@ -69,7 +69,54 @@ def start_server(data_dir: Path, *args: str, timeout: float = 120.0) -> ServerPr
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, hf_home: Path) -> Iterator[ServerProcess]:
-    proc = start_server(tmp_path_factory.mktemp("server-data"))
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on loopback (Debian's server binaries), for the store's second backend."""
+    import getpass
+    import shutil
+    import socket
+    import tempfile
+
+    bin_dir = next(Path("/usr/lib/postgresql").glob("*/bin"), None)
+    assert bin_dir is not None, "PostgreSQL server binaries are missing: apt-get install postgresql"
+    root = Path(tempfile.mkdtemp(prefix="tinkex-pg-"))
+    as_postgres: list[str] = []
+    if getpass.getuser() == "root":  # postgres refuses to run as root
+        shutil.chown(root, "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "postgres",
+                    "--auth=trust"], check=True, capture_output=True)
+    server = subprocess.Popen([*as_postgres, str(bin_dir / "postgres"), "-D", str(root / "data"), "-p", str(port),
+                               "-h", "127.0.0.1", "-k", str(root)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                         capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline and server.poll() is None, "PostgreSQL did not start"
+        time.sleep(0.2)
+    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def fresh_database(postgres_url: str, name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(postgres_url.replace("+psycopg", "") + "/postgres", autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return f"{postgres_url}/{name}"
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           hf_home: Path) -> Iterator[ServerProcess]:
+    """A `tinkex serve` process; every test that uses it runs once per store backend."""
+    args = []
+    if request.param == "postgresql":
+        args = ["--database-url", fresh_database(request.getfixturevalue("postgres_url"), "tinkex_server")]
+    proc = start_server(tmp_path_factory.mktemp("server-data"), *args)
     yield proc
     proc.stop()

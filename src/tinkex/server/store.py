@@ -10,10 +10,12 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Integer,
@@ -57,7 +59,7 @@ class TrainingRunRow(Base):
     session_id: Mapped[str] = mapped_column(String, index=True)
     base_model: Mapped[str] = mapped_column(String)
     lora_rank: Mapped[int] = mapped_column(Integer)
-    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    seed: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     train_mlp: Mapped[bool] = mapped_column(Boolean, default=True)
     train_attn: Mapped[bool] = mapped_column(Boolean, default=True)
     train_unembed: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -85,7 +87,7 @@ class CheckpointRow(Base):
     checkpoint_type: Mapped[str] = mapped_column(String)  # training | sampler
     name: Mapped[str] = mapped_column(String)
     directory: Mapped[str] = mapped_column(String)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     public: Mapped[bool] = mapped_column(Boolean, default=False)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -147,8 +149,19 @@ class Store:
                 cursor.execute("PRAGMA busy_timeout=5000")
                 cursor.close()
 
-        Base.metadata.create_all(self.engine)
+        self.migrate()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Bring the schema up to date with the Alembic migrations shipped in tinkex.server.migrations."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -1,0 +1,36 @@
+"""The store: Alembic migrations describe exactly the models, on SQLite and on PostgreSQL."""
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from tinkex.server.store import Base, SessionRow, Store, TrainingRunRow
+
+from ..conftest import fresh_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return fresh_database(request.getfixturevalue("postgres_url"), f"store_{tmp_path.name.lower()}")
+
+
+def test_migrations_match_the_models(database_url):
+    store = Store(database_url)
+    with store.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert differences == []
+
+
+def test_rows_survive_a_new_store_on_the_same_database(database_url):
+    store = Store(database_url)
+    store.add(SessionRow(id="s1", tenant="alice", tags=["x"], user_metadata={"k": "v"}))
+    store.add(TrainingRunRow(id="s1:train:0", tenant="alice", session_id="s1", base_model="m", lora_rank=8,
+                             seed=2**62))
+    again = Store(database_url)  # migrating twice is a no-op
+    run = again.owned(TrainingRunRow, "s1:train:0", "alice")
+    assert run.seed == 2**62 and run.created_at.tzinfo is not None
+    assert again.owned(TrainingRunRow, "s1:train:0", "bob") is None
+    rows, total = again.list(SessionRow, "alice", order_by=SessionRow.created_at)
+    assert total == 1 and rows[0].user_metadata == {"k": "v"}
