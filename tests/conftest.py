@@ -110,13 +110,9 @@ def fresh_database(postgres_url: str, name: str) -> str:
     return f"{postgres_url}/{name}"
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-           hf_home: Path) -> Iterator[ServerProcess]:
-    """A `tinkex serve` process; every test that uses it runs once per store backend."""
-    args = []
-    if request.param == "postgresql":
-        args = ["--database-url", fresh_database(request.getfixturevalue("postgres_url"), "tinkex_server")]
-    proc = start_server(tmp_path_factory.mktemp("server-data"), *args)
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, hf_home: Path) -> Iterator[ServerProcess]:
+    """A `tinkex serve` process on SQLite (tests/server runs its tests on PostgreSQL as well)."""
+    proc = start_server(tmp_path_factory.mktemp("server-data"))
     yield proc
     proc.stop()
