@@ -7,6 +7,7 @@ Everything here is cheap to import (no torch), so the server can build jobs with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -93,6 +94,8 @@ class SampleJob:
     prompt_logprobs_last_n: int | None = None
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
+    # Streaming: called on the engine thread with (sample index, tokens so far) as they are decoded.
+    on_tokens: Callable[[int, list[int]], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

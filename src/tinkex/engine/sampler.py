@@ -194,6 +194,8 @@ def _decode(step: _Stepper, jobs: list[PreparedSample], last_logits: torch.Tenso
             job.row_logprobs[s].append(token_lp[r])
             if k := job.job.topk_sample_logprobs:
                 job.row_topk[s].append((top_ids[r, :k], top_values[r, :k]))
+            if job.job.on_tokens is not None:  # streaming listeners see every row as it grows
+                job.job.on_tokens(s, job.rows[s])
             if _stops(job, s, token_list[r], step.base):
                 job.stopped[s] = True
             elif len(job.rows[s]) < job.job.max_tokens:
