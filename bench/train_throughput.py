@@ -1,0 +1,64 @@
+"""Training throughput: forward_backward + optim_step through the whole stack against raw PyTorch + peft.
+
+The same model, batch, LoRA rank and optimizer in both, in the same process: the built-in model and a
+~32 M-parameter Llama built on the fly. Prints tokens/s and the ratio (full stack / raw loop).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from _common import build_llama_30m, random_batch, raw_peft_step_fn, timed, to_datums
+
+KEY = "tml-bench-key-000000"
+
+
+def full_stack_step_fn(service, model: str, batch, rank: int):
+    from tinkex import types
+
+    trainer = service.create_lora_training_client(base_model=model, rank=rank, seed=0).result()
+    datums = to_datums(types, batch)
+    adam = types.AdamParams(learning_rate=1e-4)
+
+    def step() -> None:
+        fwd_bwd = trainer.forward_backward(datums, "cross_entropy")
+        optim = trainer.optim_step(adam)
+        fwd_bwd.result()
+        optim.result()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+
+    import tinkex
+    from tinkex.server import EmbeddedServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        llama = build_llama_30m(Path(tmp) / "llama-30m")
+        cases = [("tinkex/tiny-qwen3 (built in)", "tinkex/tiny-qwen3", 8, 128, 32),
+                 ("Llama 32 M (hidden 512, 10 layers)", str(llama), 8, 128, 32)]
+        with EmbeddedServer(data_dir=Path(tmp) / "data", api_keys={KEY: "bench"},
+                            base_models=["tinkex/tiny-qwen3", str(llama)]) as server:
+            service = tinkex.ServiceClient(base_url=server.base_url, api_key=KEY)
+            print(f"{'model':38} {'batch':>9} {'raw torch+peft':>16} {'tinkex full stack':>18} {'ratio':>6}")
+            for label, model, n, length, rank in cases:
+                batch = random_batch(n, length, 2000)
+                tokens = n * length
+                raw = statistics.median(timed(raw_peft_step_fn(model, batch, rank), args.steps, warmup=1))
+                full = statistics.median(timed(full_stack_step_fn(service, model, batch, rank), args.steps, warmup=1))
+                print(f"{label:38} {n:>3}x{length:<5} {tokens / raw:>12,.0f} t/s {tokens / full:>14,.0f} t/s "
+                      f"{raw / full:>6.2f}")
+            service.close()
+
+
+if __name__ == "__main__":
+    main()
