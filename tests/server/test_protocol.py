@@ -169,6 +169,10 @@ def test_other_tenants_get_404_everywhere(server):
     assert bob.post("/forward_backward", content=fb_body(model_id, 2, [datum([1, 2, 3])]),
                     headers=PROTO).status_code == 404
     assert bob.post("/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {}}).status_code == 404
+    # a seq_id alice already used must not hand bob her future (the retry dedupe checks the owner first)
+    assert bob.post("/save_weights", json={"model_id": model_id, "path": "mine", "seq_id": 1}).status_code == 404
+    assert bob.post("/create_model", json={"session_id": session_id, "model_seq_id": 0, "base_model": MODEL,
+                                           "lora_config": {"rank": 4}}).status_code == 404
     assert bob.post("/retrieve_future", json={"request_id": future["request_id"]}).status_code == 404
     assert bob.post("/weights_info", json={"tinker_path": path}).status_code == 404
     assert bob.http.get(f"/training_runs/{run_id}").status_code == 404

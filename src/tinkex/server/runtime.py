@@ -75,6 +75,7 @@ class Runtime:
         self._tenants = {hash_key(key): tenant for key, tenant in settings.api_keys.items()}
         self._sampler_dirs: dict[str, Path] = {}
         self._touched: dict[str, float] = {}
+        self._owners: dict[str, str] = {}  # model_id -> tenant, for models opened by this process
         self._lock = threading.Lock()
         self.faults: dict[str, list[int]] = {}  # path -> [status, remaining]
 
@@ -111,6 +112,14 @@ class Runtime:
         if row is None:
             raise not_found(f"model {model_id!r}")
         return row
+
+    def open_model(self, model_id: str, tenant: str) -> None:
+        self._owners[model_id] = tenant
+        self.scheduler.open_model(model_id)
+
+    def owns_model(self, model_id: str, tenant: str) -> bool:
+        """Cheap ownership check for the hot path (models opened by this process)."""
+        return self._owners.get(model_id) == tenant
 
     def touch_run(self, model_id: str) -> None:
         """Record a run's last request time; at most every few seconds, to keep writes off the hot path."""

@@ -53,12 +53,12 @@ def create_sampling_session(body: CreateSamplingSessionRequest, runtime: Runtime
 @router.post("/asample")
 def asample(body: SampleRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
     if body.sampling_session_id is not None:
-        key = (body.sampling_session_id, body.seq_id) if body.seq_id is not None else None
-        if key is not None and (existing := runtime.scheduler.existing_sample(key)) is not None:
-            return UntypedAPIFuture(request_id=existing, sample_sequence_ids=_sequence_ids(key, body.num_samples))
         sampler = runtime.store.owned(SamplingSessionRow, body.sampling_session_id, tenant)
         if sampler is None:
             raise not_found(f"sampling session {body.sampling_session_id!r}")
+        key = (body.sampling_session_id, body.seq_id) if body.seq_id is not None else None
+        if key is not None and (existing := runtime.scheduler.existing_sample(key)) is not None:
+            return UntypedAPIFuture(request_id=existing, sample_sequence_ids=_sequence_ids(key, body.num_samples))
         session = runtime.store.get(SessionRow, sampler.session_id)
         if session is not None and session.status != "active":
             raise HTTPException(status_code=410, detail=f"session {sampler.session_id!r} has finished")

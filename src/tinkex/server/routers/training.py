@@ -51,7 +51,8 @@ MAX_RANK = 256
 def enqueue(runtime: Runtime, tenant: str, model_id: str, seq_id: int | None, request_type: str,
             build: Callable[[], Work | Callable[[], Outcome]]) -> UntypedAPIFuture:
     """Dedupe by (model_id, seq_id), build the work (which checks the input), and queue it in order."""
-    if seq_id is not None and (existing := runtime.scheduler.existing(model_id, seq_id)) is not None:
+    if seq_id is not None and runtime.owns_model(model_id, tenant) and \
+            (existing := runtime.scheduler.existing(model_id, seq_id)) is not None:
         return UntypedAPIFuture(request_id=existing, model_id=model_id)
     try:
         built = build()
@@ -87,7 +88,7 @@ def _lora_spec(rank: int, seed: int | None, train_mlp: bool, train_attn: bool, t
 @router.post("/create_model")
 def create_model(body: CreateModelRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
     model_id = f"{body.session_id}:train:{body.model_seq_id}"
-    if (existing := runtime.scheduler.existing(model_id, 0)) is not None:
+    if runtime.owns_model(model_id, tenant) and (existing := runtime.scheduler.existing(model_id, 0)) is not None:
         return UntypedAPIFuture(request_id=existing, model_id=model_id)
     runtime.active_session(body.session_id, tenant)
     info = runtime.model_info(body.base_model)
@@ -99,7 +100,7 @@ def create_model(body: CreateModelRequest, runtime: RuntimeDep, tenant: TenantDe
         id=model_id, tenant=tenant, session_id=body.session_id, base_model=info.name, lora_rank=spec.rank,
         seed=spec.seed, train_mlp=spec.train_mlp, train_attn=spec.train_attn, train_unembed=spec.train_unembed,
         user_metadata=body.user_metadata))
-    runtime.scheduler.open_model(model_id)
+    runtime.open_model(model_id, tenant)
 
     def run() -> Outcome:
         runtime.engine.create_adapter(model_id, info.name, spec)
@@ -287,7 +288,7 @@ def _training_checkpoint(runtime: Runtime, path: str, tenant: str) -> Checkpoint
 
 def _create_from_checkpoint(body: LoadWeightsRequest, runtime: Runtime, tenant: str) -> UntypedAPIFuture:
     model_id = f"{body.session_id}:train:{body.model_seq_id}"
-    if (existing := runtime.scheduler.existing(model_id, 0)) is not None:
+    if runtime.owns_model(model_id, tenant) and (existing := runtime.scheduler.existing(model_id, 0)) is not None:
         return UntypedAPIFuture(request_id=existing, model_id=model_id)
     runtime.active_session(body.session_id, tenant)  # type: ignore[arg-type]
     checkpoint = _training_checkpoint(runtime, body.path, tenant)
@@ -302,7 +303,7 @@ def _create_from_checkpoint(body: LoadWeightsRequest, runtime: Runtime, tenant: 
         id=model_id, tenant=tenant, session_id=body.session_id, base_model=source.base_model,
         lora_rank=source.lora_rank, seed=source.seed, train_mlp=source.train_mlp, train_attn=source.train_attn,
         train_unembed=source.train_unembed, user_metadata=body.user_metadata or source.user_metadata))
-    runtime.scheduler.open_model(model_id)
+    runtime.open_model(model_id, tenant)
 
     def run() -> Outcome:
         runtime.engine.load_state(model_id, Path(checkpoint.directory), optimizer=body.optimizer)
