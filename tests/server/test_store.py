@@ -34,3 +34,13 @@ def test_rows_survive_a_new_store_on_the_same_database(database_url):
     assert again.owned(TrainingRunRow, "s1:train:0", "bob") is None
     rows, total = again.list(SessionRow, "alice", order_by=SessionRow.created_at)
     assert total == 1 and rows[0].user_metadata == {"k": "v"}
+
+
+def test_a_store_made_before_migrations_is_adopted(tmp_path):
+    from sqlalchemy import create_engine, inspect
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    Base.metadata.create_all(create_engine(url))  # what builds before Alembic did
+    store = Store(url)
+    store.add(SessionRow(id="s", tenant="t", tags=[]))
+    assert "alembic_version" in inspect(store.engine).get_table_names()

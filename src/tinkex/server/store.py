@@ -25,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -161,6 +162,9 @@ class Store:
         config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
+            tables = inspect(connection).get_table_names()
+            if "sessions" in tables and "alembic_version" not in tables:
+                command.stamp(config, "0001")  # a store made before migrations existed has the first schema
             command.upgrade(config, "head")
 
     @contextmanager
