@@ -7,6 +7,8 @@ PIP := $(VENV)/bin/pip
 .PHONY: setup demo test bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	# The dashboard tests drive Debian's Chromium (Playwright never downloads a browser here).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# constraints.txt pins torch to the CPU build on this machine; the package itself asks only torch>=2.4.

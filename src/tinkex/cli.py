@@ -9,11 +9,26 @@ from pathlib import Path
 
 import click
 
+from tinkex.cli_commands import TinkexGroup, register
 
-@click.group()
+
+@click.group(cls=TinkexGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tinkex")
-def main() -> None:
-    """tinkex: Tinker-style LoRA fine-tuning on your own hardware."""
+@click.option("-f", "--format", "output_format", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output format of the management commands.")
+@click.option("--base-url", default=None, metavar="URL", help="Server URL [default: $TINKER_BASE_URL].")
+@click.option("--api-key", default=None, metavar="KEY", help="API key [default: $TINKER_API_KEY].")
+@click.option("--timeout", type=float, default=None, metavar="SECONDS", help="How long to wait for each answer.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of short error messages.")
+@click.pass_context
+def main(ctx: click.Context, output_format: str, base_url: str | None, api_key: str | None, timeout: float | None,
+         debug: bool) -> None:
+    """tinkex: Tinker-style LoRA fine-tuning on your own hardware.
+
+    Without --base-url/--api-key (or TINKER_BASE_URL/TINKER_API_KEY) the commands use the embedded
+    server and its data directory, as the SDK does. Exit status: 0 ok, 1 error, 2 bad usage, 130 Ctrl-C.
+    """
+    ctx.obj = {"format": output_format, "base_url": base_url, "api_key": api_key, "timeout": timeout}
 
 
 def _parse_keys(api_keys: tuple[str, ...], keys_file: Path | None) -> dict[str, str]:
@@ -77,6 +92,14 @@ def serve(host: str, port: int, data_dir: Path | None, models: tuple[str, ...], 
 
     threading.Thread(target=announce, daemon=True).start()
     server.run()
+
+
+# Management commands: version, checkpoint, run, session, model, sample (tinkex/cli_commands.py).
+register(main)
+
+from tinkex.cookbook.demo import demo_command  # noqa: E402  (a light import: the demo loads torch lazily)
+
+main.add_command(demo_command)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from ..types._exceptions import (
     RequestFailedError,
 )
 from . import _loop
+from . import metrics as _metrics
 from ._constants import RETRIEVE_FUTURE_TIMEOUT_S
 from ._transport import current_sdk_method, parse_body
 
@@ -162,6 +163,36 @@ QueueObserver = Callable[[str, str | None], None]
 
 
 async def poll_result(
+    holder: Holder,
+    request_id: str,
+    request_type: str,
+    *,
+    result_model: type[BaseModel] | None = None,
+    proto_decoder: Callable[[bytes], Any] | None = None,
+    roundtrip_s: float | None = None,
+    on_queue_state: QueueObserver | None = None,
+) -> Any:
+    """`_poll_result`, timed into the `tinkex_future_duration_seconds` histogram."""
+    started = time.perf_counter() - (roundtrip_s or 0.0)
+    outcome = "error"
+    try:
+        result = await _poll_result(holder, request_id, request_type, result_model=result_model,
+                                    proto_decoder=proto_decoder, roundtrip_s=roundtrip_s,
+                                    on_queue_state=on_queue_state)
+        outcome = "ok"
+        return result
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+        raise
+    except RetryableException:
+        outcome = "expired"
+        raise
+    finally:
+        _metrics.REGISTRY.observe("tinkex_future_duration_seconds", time.perf_counter() - started,
+                                  request_type=request_type, outcome=outcome)
+
+
+async def _poll_result(
     holder: Holder,
     request_id: str,
     request_type: str,

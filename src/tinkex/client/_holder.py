@@ -27,6 +27,7 @@ from ..types._exceptions import APIConnectionError, APIStatusError, NotFoundErro
 from ._config import Connection, resolve
 from ._constants import HEARTBEAT_INTERVAL_S, PROTOCOL_SDK_VERSION, SUBMIT_RETRY_BUDGET_S
 from ._futures import AwaitableConcurrentFuture, run_in_sdk_loop, validate
+from . import telemetry as _events
 from ._telemetry import Telemetry, telemetry_enabled
 from ._transport import Transport, current_sdk_method, server_retry_after
 
@@ -88,8 +89,6 @@ class Holder:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._jwt_task: asyncio.Task[None] | None = None
         self.telemetry: Telemetry | None = Telemetry(self) if telemetry_enabled() else None
-        self.sample_backoff_until = 0.0
-        self.sample_backoff_tight_until = 0.0
         self.closed = False
         self.last_heartbeat_ok: float | None = None
         self.heartbeats_sent = 0
@@ -283,6 +282,8 @@ class Holder:
 
     def _log_retry(self, exc: BaseException, attempt: int) -> None:
         logger.debug("retrying after %s (attempt %d)", exc, attempt + 1)
+        _events.emit(_events.HTTP_RETRY, level=logging.INFO if attempt >= 2 else logging.DEBUG, layer="submit",
+                     reason=type(exc).__name__, status=getattr(exc, "status_code", None), attempt=attempt + 1)
         if self.telemetry is not None:
             self.telemetry.generic("InternalClientHolder.execute_with_retries.exception",
                                    {"exception": str(exc), "exception_type": type(exc).__name__,

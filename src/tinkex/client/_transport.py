@@ -37,7 +37,10 @@ from ..types._exceptions import (
     APITimeoutError,
     status_error_class,
 )
+from . import metrics as _metrics
+from . import telemetry as _telemetry
 from ._constants import PROTOCOL_SDK_VERSION, TINKEX_VERSION
+from .metrics import request_kind
 
 logger = logging.getLogger("tinkex")
 
@@ -133,6 +136,29 @@ def make_status_error(response: httpx.Response) -> APIStatusError:
     return status_error_class(response.status_code)(message, response=response, body=body)
 
 
+def multipart_files(files: Any, opened: list[Any]) -> list[tuple[str, Any]]:
+    """Normalize `files` for httpx: paths are opened (and added to `opened`, for the caller to close)."""
+    items = list(files.items()) if isinstance(files, Mapping) else list(files)
+    out: list[tuple[str, Any]] = []
+    for name, value in items:
+        if isinstance(value, tuple):
+            filename, body, *rest = value
+            if isinstance(body, (str, os.PathLike)):
+                body = open(body, "rb")  # noqa: SIM115 - closed by the caller after the send
+                opened.append(body)
+            out.append((name, (filename, body, *rest)))
+        elif isinstance(value, (str, os.PathLike)):
+            handle = open(value, "rb")  # noqa: SIM115
+            opened.append(handle)
+            out.append((name, (os.path.basename(os.fspath(value)), handle, "application/octet-stream")))
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            out.append((name, (name, bytes(value), "application/octet-stream")))
+        else:  # an open binary file: httpx reads it in chunks, from the start (it seeks to 0)
+            filename = os.path.basename(getattr(value, "name", name) or name)
+            out.append((name, (filename, value, "application/octet-stream")))
+    return out
+
+
 def _is_proxy_rejection(response: httpx.Response) -> bool:
     return response.status_code == 400 and not response.content
 
@@ -202,14 +228,42 @@ class Transport:
         max_retries: int = 10,
         idempotency_key: str | None = None,
         follow_redirects: bool = True,
+        files: Any = None,
+        data: Mapping[str, Any] | None = None,
     ) -> httpx.Response:
-        """Send one call (with its retries) and return the successful response, or raise typed."""
+        """Send one call (with its retries) and return the successful response, or raise typed.
+
+        `files` (with optional form fields in `data`) sends a multipart/form-data body instead of
+        JSON: a mapping or list of (field name, value), where a value is a path, bytes, an open binary
+        file, or a tuple `(filename, content[, content_type[, headers]])`. Files are streamed from
+        disk in chunks, and re-read from the start on each retry.
+        """
+        kind = request_kind(path)
+        _metrics.REGISTRY.add_gauge("tinkex_http_requests_in_flight", 1, kind=kind)
+        try:
+            with _telemetry.span(f"tinkex.http {kind}", error_level=logging.DEBUG,
+                                 **{"http.request.method": method.upper(), "tinkex.request_kind": kind}) as span:
+                return await self._request(method, path, kind, span, purpose=purpose, json=json, content=content,
+                                           params=params, headers=headers, timeout=timeout,
+                                           max_retries=max_retries, idempotency_key=idempotency_key,
+                                           follow_redirects=follow_redirects, files=files, data=data)
+        finally:
+            _metrics.REGISTRY.add_gauge("tinkex_http_requests_in_flight", -1, kind=kind)
+
+    async def _request(self, method: str, path: str, kind: str, span: dict[str, Any], *, purpose: str, json: Any,
+                       content: bytes | None, params: Mapping[str, Any] | None, headers: Mapping[str, str] | None,
+                       timeout: float | None, max_retries: int, idempotency_key: str | None, follow_redirects: bool,
+                       files: Any, data: Mapping[str, Any] | None) -> httpx.Response:
         client = self.client(purpose)
         base_headers = self.headers(headers)
+        _telemetry.inject_trace_headers(base_headers)
         if method.upper() != "GET":
             key = idempotency_key or f"stainless-python-retry-{uuid.uuid4()}"
             base_headers.setdefault("x-idempotency-key", key)
-        if json is not None and content is None:
+        if files is not None:
+            if json is not None or content is not None:
+                raise ValueError("a multipart request takes files= and data=, not json= or content=")
+        elif json is not None and content is None:
             content = jsonlib.dumps(json, separators=(",", ":")).encode()
             base_headers.setdefault("content-type", "application/json")
         base_headers.setdefault("accept", "application/json")
@@ -222,16 +276,36 @@ class Transport:
         while True:
             request_headers = dict(base_headers)
             request_headers["x-stainless-retry-count"] = str(attempt)
-            request = client.build_request(method, url, content=content, params=params, headers=request_headers,
-                                           timeout=http_timeout)
-            response: httpx.Response | None = None
-            error: Exception | None = None
+            opened: list[Any] = []
             try:
-                response = await client.send(request, follow_redirects=follow_redirects)
-            except httpx.TimeoutException:
-                error = APITimeoutError(request)
-            except httpx.TransportError as exc:
-                error = APIConnectionError(request, f"Connection error: {type(exc).__name__}: {exc}")
+                if files is not None:
+                    request = client.build_request(method, url, params=params, headers=request_headers,
+                                                   timeout=http_timeout, files=multipart_files(files, opened),
+                                                   data=dict(data or {}))
+                else:
+                    request = client.build_request(method, url, content=content, params=params,
+                                                   headers=request_headers, timeout=http_timeout)
+                response: httpx.Response | None = None
+                error: Exception | None = None
+                started = time.perf_counter()
+                try:
+                    response = await client.send(request, follow_redirects=follow_redirects)
+                except httpx.TimeoutException:
+                    error = APITimeoutError(request)
+                except httpx.TransportError as exc:
+                    error = APIConnectionError(request, f"Connection error: {type(exc).__name__}: {exc}")
+            finally:
+                for handle in opened:
+                    handle.close()
+            elapsed = time.perf_counter() - started
+            status = str(response.status_code) if response is not None else (
+                "timeout" if isinstance(error, APITimeoutError) else "connection_error")
+            _metrics.REGISTRY.increment("tinkex_http_requests_total", kind=kind, method=method.upper(), status=status)
+            _metrics.REGISTRY.observe("tinkex_http_request_duration_seconds", elapsed, kind=kind)
+            span["http.response.status_code"] = status
+            span["tinkex.retry_count"] = attempt
+            _telemetry.emit(_telemetry.HTTP_REQUEST, duration_s=elapsed, method=method.upper(), kind=kind,
+                            status=status, attempt=attempt)
             if response is not None:
                 self._log_deprecation(response)
                 if response.is_success or (not follow_redirects and response.is_redirect):
@@ -254,6 +328,10 @@ class Transport:
             delay = retry_delay(attempt, response)
             logger.debug("retrying %s %s in %.2fs (attempt %d, %s)", method, path, delay, attempt + 1,
                          response.status_code if response is not None else type(error).__name__)
+            _metrics.REGISTRY.increment("tinkex_http_retries_total", kind=kind, reason=status)
+            _telemetry.emit(_telemetry.HTTP_RETRY, level=logging.INFO if attempt >= 2 else logging.DEBUG,
+                            method=method.upper(), kind=kind, reason=status, attempt=attempt + 1,
+                            delay_s=round(delay, 3))
             attempt += 1
             await asyncio.sleep(delay)
 

@@ -7,8 +7,6 @@ import base64
 import email.utils
 import json
 import os
-import shutil
-import tarfile
 import uuid
 import warnings
 from collections.abc import Callable
@@ -17,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urljoin
 
-import httpx
 from pydantic import BaseModel
 
 from ..types import (
@@ -338,57 +335,25 @@ class RestClient(_RestBase):
 
     @sdk_method("RestClient.download_checkpoint")
     def download_checkpoint(self, tinker_path: str, output_dir: str | os.PathLike[str] | None = None, *,
-                            force: bool = False, progress: Callable[[int, int | None], None] | None = None
+                            force: bool = False, progress: Callable[[int, int | None], None] | bool | None = None,
+                            resume: bool = True, verify: bool = True, memory_budget: int = 1 << 20
                             ) -> APIFuture[Path]:
         """Download a checkpoint into `output_dir/<run>_<segment>_<name>/` and return that directory.
 
-        Training and sampler checkpoints come as a tar archive (streamed to disk, then extracted);
-        external checkpoints file by file from their signed URLs.
+        Training and sampler checkpoints come as a tar archive, external ones file by file; either
+        way streamed to disk in blocks of at most `memory_budget` bytes, checked against the server's
+        SHA-256 and the checkpoint's own tinkex_state.json, and resumed (HTTP Range) after an
+        interruption. `progress` is `fn(done_bytes, total_bytes)`, or True for a progress bar on
+        stderr. See `tinkex.client.download`.
         """
-        parsed = ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
-        target = Path(output_dir or ".") / tinker_path[len("tinker://"):].replace("/", "_")
-        if target.exists():
-            if not force:
-                raise FileExistsError(f"{target} exists (pass force=True to replace it)")
-            shutil.rmtree(target)
+        from . import download
 
-        async def fetch(client: httpx.AsyncClient, url: str, dest: Path, done: list[int]) -> None:
-            headers = self.holder.transport.headers() if url.startswith(self.holder.base_url) else {}
-            async with client.stream("GET", url, headers=headers) as response:
-                if response.status_code != 200:
-                    raise TinkerError(f"download of {url} failed with HTTP {response.status_code}")
-                total = response.headers.get("content-length")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with open(dest, "wb") as out:
-                    async for block in response.aiter_bytes(1 << 20):
-                        out.write(block)
-                        done[0] += len(block)
-                        if progress is not None:
-                            progress(done[0], int(total) if total else None)
-
-        async def run() -> Path:
-            done = [0]
-            async with httpx.AsyncClient(follow_redirects=True, timeout=httpx.Timeout(300, connect=10)) as client:
-                try:
-                    if parsed.checkpoint_type == "external":
-                        urls = await self.get_external_weights_urls(tinker_path)
-                        for relpath, url in urls.urls.items():
-                            await fetch(client, url, target / relpath, done)
-                    else:
-                        archive = await self.get_checkpoint_archive_url_from_tinker_path(tinker_path)
-                        url = urljoin(self.holder.base_url + "/", archive.url)
-                        tmp = target.with_name(target.name + ".tar.part")
-                        try:
-                            await fetch(client, url, tmp, done)
-                            await asyncio.to_thread(_extract, tmp, target)
-                        finally:
-                            tmp.unlink(missing_ok=True)
-                except BaseException:
-                    shutil.rmtree(target, ignore_errors=True)
-                    raise
-            return target
-
-        return self.holder.run(run())
+        target = download.target_dir(tinker_path, output_dir)
+        if target.exists() and not force:
+            raise FileExistsError(f"{target} exists (pass force=True to replace it)")
+        return self.holder.run(download.download_checkpoint(
+            self, tinker_path, output_dir, force=force, progress=progress, resume=resume, verify=verify,
+            memory_budget=memory_budget))
 
     # ---- admin, kept here for old code -------------------------------------------------------
 
@@ -420,12 +385,6 @@ class RestClient(_RestBase):
     async def get_current_checkpoint_storage_usage_async(self, project_id: str | None = None
                                                          ) -> CurrentCheckpointStorageUsageResponse:
         return await self.get_current_checkpoint_storage_usage(project_id)
-
-
-def _extract(archive: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(target, filter="data")
 
 
 def _http_date(value: str | None) -> datetime | None:

@@ -30,6 +30,7 @@ from ..types import (
     decode_sample_response,
 )
 from ..types._exceptions import TinkerError
+from . import rate_limit
 from ._constants import SAMPLER_CLONE_STRIDE
 from ._futures import (
     APIFuture,
@@ -40,8 +41,8 @@ from ._futures import (
     validate,
 )
 from ._holder import HolderConfig, is_retryable, shadow_holder
+from .queue_state import QueueStateTracker
 from ._tokenizer import get_tokenizer
-from ._transport import server_retry_after
 
 if TYPE_CHECKING:
     from ._holder import Holder
@@ -101,7 +102,8 @@ class SamplingClient:
         self._next_seq = 0
         self._join_lock: asyncio.Lock | None = None
         self._semaphore: asyncio.Semaphore | None = None
-        self._last_queue_log = 0.0
+        self._limiter: rate_limit.TenantRateLimiter | None = None
+        self._queue_tracker = QueueStateTracker("sampling", sampling_session_id)
         self.feature_gates = {"async_sampling"}
 
     @property
@@ -230,6 +232,12 @@ class SamplingClient:
             body["prompt_logprobs_last_n"] = prompt_logprobs_last_n
         return body
 
+    def _rate_limiter(self) -> rate_limit.TenantRateLimiter:
+        """The limiter shared by every sampler of this (base URL, API key) in the process."""
+        if self._limiter is None:
+            self._limiter = rate_limit.limiter_for(self.holder.base_url, self.holder.connection.api_key)
+        return self._limiter
+
     def _semaphore_for_loop(self) -> asyncio.Semaphore:
         if self._semaphore is None:
             limit = min(self._retry_config.max_connections, self.holder.client_config.sample_max_concurrent_requests)
@@ -281,19 +289,24 @@ class SamplingClient:
                     return exc
                 raise
 
-        while True:
-            wait = holder.sample_backoff_until - time.monotonic()
-            while wait > 0:
-                await asyncio.sleep(min(wait, 1.0))
-                wait = holder.sample_backoff_until - time.monotonic()
-            started = time.monotonic()
-            result = await holder.execute_with_retries(post)
-            if isinstance(result, APIStatusError):  # backpressure: every sampler of this holder waits
-                pause = server_retry_after(result.response) or (5.0 if prompt_bytes > BIG_PROMPT_BYTES else 1.0)
-                holder.sample_backoff_until = max(holder.sample_backoff_until, time.monotonic() + pause)
-                holder.sample_backoff_tight_until = holder.sample_backoff_until + 10.0
-                continue
-            break
+        limiter = self._rate_limiter()
+        async with limiter.slot(prompt_bytes):
+            while True:
+                await limiter.wait_for_backoff()
+                started = time.monotonic()
+                result = await holder.execute_with_retries(post)
+                if isinstance(result, APIStatusError):  # backpressure: every sampler of this tenant waits
+                    said = result.body if isinstance(result.body, dict) else {}
+                    if said.get("queue_state") or said.get("queue_state_reason"):
+                        self.on_queue_state_change(said.get("queue_state") or "active", said.get("queue_state_reason"))
+                    limiter.backoff(limiter.backoff_for(result.response, prompt_bytes),
+                                    reason=f"{result.status_code} on asample")
+                    continue
+                break
+            return await self._finish_sample(result, started)
+
+    async def _finish_sample(self, result: Any, started: float) -> SampleResponse:
+        holder = self.holder
         roundtrip = time.monotonic() - started
         future = validate(result, UntypedAPIFuture)
         response: SampleResponse = await poll_result(holder, future.request_id, "Sample",
@@ -352,15 +365,8 @@ class SamplingClient:
         return self.holder.telemetry
 
     def on_queue_state_change(self, queue_state: str, queue_state_reason: str | None) -> None:
-        if queue_state == "active":
-            return
-        now = time.monotonic()
-        if now - self._last_queue_log >= 60:
-            self._last_queue_log = now
-            default = ("concurrent sampler weights limit hit" if queue_state == "paused_rate_limit"
-                       else "Tinker backend is running short on capacity")
-            logger.warning("Sampling is paused for %s. Reason: %s", self._sampling_session_id,
-                           queue_state_reason or default)
+        """Called by the poll loop with each reported queue state; logs once per change (see `queue_state`)."""
+        self._queue_tracker(queue_state, queue_state_reason)
 
     # ---- moving between processes ------------------------------------------------------------
 

@@ -30,9 +30,11 @@ from ..types import (
     encode_forward_backward_request,
 )
 from . import _custom_loss
+from . import telemetry as _events
 from ._chunking import chunk_data, combine_outputs
 from ._constants import CONSOLE_URL
 from ._futures import APIFuture, AwaitableConcurrentFuture, poll_result, sdk_method, validate
+from .queue_state import QueueStateTracker
 from ._tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
@@ -55,26 +57,11 @@ def _as_datum(datum: Any) -> Datum:
     return Datum.model_validate(fields)
 
 
-class QueueStateLogger:
-    """Logs a paused queue at most once a minute, once it has been paused for a while."""
+class QueueStateLogger(QueueStateTracker):
+    """The queue state of a training operation: one log line per change (see `queue_state`)."""
 
-    def __init__(self, what: str, grace_s: float = 900.0):
-        self.what = what
-        self.grace_s = grace_s
-        self._paused_since: float | None = None
-        self._last_log = 0.0
-
-    def __call__(self, queue_state: str, reason: str | None) -> None:
-        now = time.monotonic()
-        if queue_state == "active":
-            self._paused_since = None
-            return
-        self._paused_since = self._paused_since or now
-        if now - self._paused_since >= self.grace_s and now - self._last_log >= 60:
-            self._last_log = now
-            default = ("Tinker backend is running short on capacity" if queue_state == "paused_capacity"
-                       else "concurrent training clients rate limit hit")
-            logger.warning("%s is paused. Reason: %s", self.what, reason or default)
+    def __init__(self, what: str, grace_s: float | None = None, *, resource: str | None = None):
+        super().__init__("training", resource or what, label=what)
 
 
 class TrainingClient:
@@ -91,7 +78,7 @@ class TrainingClient:
         self._turn = 0
         self._turn_changed: asyncio.Condition | None = None
         self._poisoned: str | None = None
-        self._queue_logger = QueueStateLogger(f"Training of {model_id}")
+        self._queue_logger = QueueStateLogger(f"Training of {model_id}", resource=model_id)
 
     # ---- ordering ----------------------------------------------------------------------------
 
@@ -240,6 +227,14 @@ class TrainingClient:
 
     async def _run_custom(self, first: int, original: list[Datum], chunks: list[list[Datum]],
                           loss_fn: Any) -> ForwardBackwardOutput:
+        with _events.span(_events.FORWARD_BACKWARD_CUSTOM, model_id=self.model_id, datums=len(original),
+                          chunks=len(chunks)) as attrs:
+            result = await self._run_custom_inner(first, original, chunks, loss_fn)
+            attrs["loss"] = result.metrics.get("loss:sum")
+            return result
+
+    async def _run_custom_inner(self, first: int, original: list[Datum], chunks: list[list[Datum]],
+                                loss_fn: Any) -> ForwardBackwardOutput:
         n = len(chunks)
         backward_started = False
         try:

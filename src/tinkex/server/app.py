@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from .runtime import Runtime, ServerSettings
-from .routers import downloads, futures, openai, rest, sampling, service, training
+from .routers import dashboard, downloads, futures, metrics, openai, rest, sampling, service, training
 
 
 def _describe(errors: list[dict]) -> str:
@@ -40,8 +40,9 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
 
     app = FastAPI(title="tinkex", summary="A Tinker-compatible fine-tuning server", lifespan=lifespan)
     app.state.runtime = runtime
-    for module in (service, training, sampling, futures, rest, downloads, openai):
+    for module in (service, training, sampling, futures, rest, downloads, openai, dashboard):
         app.include_router(module.router)
+    metrics.install(app, runtime)  # GET /metrics (Prometheus text) and per-route request metrics
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
