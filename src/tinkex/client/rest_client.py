@@ -56,13 +56,14 @@ class _RestBase:
 
     async def _request(self, method: str, path: str, *, model: type[BaseModel] | None = None,
                        params: dict[str, Any] | None = None, json: Any = None,
-                       headers: dict[str, str] | None = None, idempotency_key: str | None = None) -> Any:
+                       headers: dict[str, str] | None = None, idempotency_key: str | None = None,
+                       **multipart: Any) -> Any:
         holder = self.holder
         await holder.ensure_ready()
         clean = {key: value for key, value in (params or {}).items() if value is not None}
         response = await holder.execute_with_retries(lambda: holder.transport.request(
             method, path, purpose="rest", params=clean or None, json=json, headers=headers,
-            idempotency_key=idempotency_key))
+            idempotency_key=idempotency_key, **multipart))
         if model is None:
             return None
         return validate(response, model)
@@ -334,6 +335,21 @@ class RestClient(_RestBase):
         return self.holder.run(run())
 
     @sdk_method("RestClient.download_checkpoint")
+    def import_adapter(self, directory: str | os.PathLike[str], base_model: str, name: str) -> APIFuture[str]:
+        """Upload a PEFT LoRA adapter directory (a tinkex addition); returns its new sampler checkpoint path."""
+        folder = Path(directory)
+        files = {"config": folder / "adapter_config.json", "weights": folder / "adapter_model.safetensors"}
+
+        async def run() -> str:
+            holder = self.holder
+            await holder.ensure_ready()
+            response = await holder.execute_with_retries(lambda: holder.transport.request(
+                "POST", "/api/v1/checkpoints/import", purpose="rest", files=files,
+                data={"name": name, "base_model": base_model}))
+            return response.json()["tinker_path"]
+
+        return self.holder.run(run())
+
     def download_checkpoint(self, tinker_path: str, output_dir: str | os.PathLike[str] | None = None, *,
                             force: bool = False, progress: Callable[[int, int | None], None] | bool | None = None,
                             resume: bool = True, verify: bool = True, memory_budget: int = 1 << 20

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from .runtime import Runtime, ServerSettings
-from .routers import dashboard, downloads, futures, metrics, openai, rest, sampling, service, training
+from .routers import dashboard, downloads, futures, metrics, openai, rest, sampling, service, training, uploads
 
 
 def _describe(errors: list[dict]) -> str:
@@ -40,7 +40,7 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
 
     app = FastAPI(title="tinkex", summary="A Tinker-compatible fine-tuning server", lifespan=lifespan)
     app.state.runtime = runtime
-    for module in (service, training, sampling, futures, rest, downloads, openai, dashboard):
+    for module in (service, training, sampling, futures, rest, downloads, uploads, openai, dashboard):
         app.include_router(module.router)
     metrics.install(app, runtime)  # GET /metrics (Prometheus text) and per-route request metrics
 
