@@ -61,11 +61,18 @@ def _parse_keys(api_keys: tuple[str, ...], keys_file: Path | None) -> dict[str, 
               help="Ask clients to zstd-compress forward_backward bodies.")
 @click.option("--long-poll-seconds", type=float, default=25.0, show_default=True,
               help="How long retrieve_future holds a request before answering try_again (SDKs time out at 45).")
+@click.option("--session-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds without a heartbeat after which a session expires and its adapters are freed "
+                   "(its checkpoints stay).")
+@click.option("--max-resident-adapters", type=int, default=64, show_default=True,
+              help="Adapters kept in fast memory; beyond it the least recently used are parked on disk "
+                   "and brought back on use.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch [default: one per core]. 1 is steadier on a busy machine.")
 def serve(host: str, port: int, data_dir: Path | None, models: tuple[str, ...], api_keys: tuple[str, ...],
           keys_file: Path | None, database_url: str | None, compress_forward_backward: bool,
-          long_poll_seconds: float, threads: int | None) -> None:
+          long_poll_seconds: float, session_timeout: float, max_resident_adapters: int,
+          threads: int | None) -> None:
     """Run the Tinker-compatible server. Without --api-key or --keys-file, one local key is made and printed."""
     import uvicorn
 
@@ -77,7 +84,8 @@ def serve(host: str, port: int, data_dir: Path | None, models: tuple[str, ...], 
     keys = _parse_keys(api_keys, keys_file) or {local_api_key(data_dir): "local"}
     settings = ServerSettings(data_dir=data_dir, host=host, port=port or free_port(host), api_keys=keys,
                               database_url=database_url, compress_forward_backward=compress_forward_backward,
-                              long_poll_seconds=long_poll_seconds, torch_threads=threads)
+                              long_poll_seconds=long_poll_seconds, session_timeout_seconds=session_timeout,
+                              max_resident_adapters=max_resident_adapters, torch_threads=threads)
     if models:
         settings.base_models = list(models)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=settings.port,

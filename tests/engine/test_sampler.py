@@ -194,3 +194,115 @@ def test_bad_sample_jobs_fail_alone(engine, adapters, kwargs, message):
     assert isinstance(out_bad, EngineError) and message in str(out_bad), out_bad
     (alone,) = engine.sample([good])
     np.testing.assert_array_equal(out_good.sequences[0].tokens, alone.sequences[0].tokens)
+
+
+def test_target_prompt_logprobs(engine, adapters):
+    """Row i asks for logprobs of chosen tokens as prompt token i + 1; -1 cells come back as 0.0."""
+    aid = adapters[0]
+    full = full_logprobs(engine, aid, PROMPT)  # full[i] predicts prompt token i + 1
+    targets = np.full((len(PROMPT) - 1, 3), -1, np.int64)
+    targets[2] = [PROMPT[3], 7, V - 1]
+    targets[5, 1] = 0
+    targets[-1] = [PROMPT[-1], -1, 11]
+    result = _one(engine, adapter_id=aid, max_tokens=3, seed=1, target_prompt_tokens=targets)
+    got = result.target_prompt_logprobs
+    assert got.dtype == np.float32 and got.shape == targets.shape
+    want = np.where(targets >= 0, np.take_along_axis(full[:-1], np.maximum(targets, 0), 1), 0.0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert (got[targets < 0] == 0.0).all() and (got[targets >= 0] < 0).all()
+    # together with prompt logprobs of the last few positions only, both are right
+    both = _one(engine, adapter_id=aid, max_tokens=0, prompt_logprobs=True, prompt_logprobs_last_n=2,
+                target_prompt_tokens=targets)
+    np.testing.assert_allclose(both.target_prompt_logprobs, want, atol=1e-5)
+    assert np.isnan(both.prompt_logprobs[:-2]).all()
+    np.testing.assert_allclose(both.prompt_logprobs[-2:], full[np.arange(len(PROMPT) - 3, len(PROMPT) - 1),
+                                                               PROMPT[-2:]], atol=1e-5)
+    (bad,) = engine.sample([SampleJob(M, aid, PROMPT, target_prompt_tokens=targets[:-1])])
+    assert isinstance(bad, EngineError) and "len(prompt) - 1" in str(bad)
+    (bad,) = engine.sample([SampleJob(M, aid, PROMPT, target_prompt_tokens=np.full_like(targets, V))])
+    assert isinstance(bad, EngineError) and "outside the vocabulary" in str(bad)
+
+
+def _tokens(result):
+    return [s.tokens.tolist() for s in result.sequences]
+
+
+def _same(a, b):
+    assert _tokens(a) == _tokens(b)
+    for x, y in zip(a.sequences, b.sequences):
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+        assert x.stop_reason == y.stop_reason
+    for name in ("prompt_logprobs", "target_prompt_logprobs"):
+        if getattr(b, name) is not None:
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-5)
+
+
+def test_requests_join_a_running_batch_with_the_same_result(engine, adapters):
+    """Continuous batching: requests submitted while others decode join them at the next step, and
+    every request gets exactly what it gets alone (same seed: same tokens; greedy: the same)."""
+    targets = np.full((6, 2), -1, np.int64)
+    targets[3] = [5, 9]
+    jobs = [
+        SampleJob(M, adapters[0], PROMPT, num_samples=3, max_tokens=24, seed=1, stop_token_ids=[]),
+        SampleJob(M, adapters[1], PROMPT[:7], num_samples=2, max_tokens=8, seed=2, stop_token_ids=[],
+                  prompt_logprobs=True, target_prompt_tokens=targets, topk_sample_logprobs=2),
+        SampleJob(M, None, [5, 6, 7], max_tokens=10, temperature=0.0, stop_token_ids=[]),
+        SampleJob(M, adapters[0], PROMPT[3:], num_samples=2, max_tokens=0, prompt_logprobs=True),
+        SampleJob(M, adapters[1], [9] * 30, num_samples=4, max_tokens=6, seed=3, temperature=0.8, top_p=0.9),
+    ]
+    alone = [engine.sample([job])[0] for job in jobs]
+    arrivals = {0: [jobs[0]], 4: [jobs[1], jobs[2]], 6: [jobs[3]], 9: [jobs[4]]}  # step -> requests arriving
+    done, rows_seen = {}, []
+    for step in range(100):
+        assert engine.submit_samples(arrivals.get(step, [])) == []
+        for job, result in engine.step_samples():
+            done[jobs.index(job)] = result
+        rows_seen.append(engine.stats()["sampling"]["rows"])
+        if len(done) == len(jobs) and not engine.sampling:
+            break
+    assert sorted(done) == list(range(len(jobs)))
+    for i, job in enumerate(jobs):
+        _same(done[i], alone[i])
+    assert rows_seen[4] == 3 + 2 + 1  # the later requests decoded beside the first one
+    assert rows_seen[-1] == 0
+
+
+def test_row_budget_makes_requests_wait_not_fail(engine, adapters, monkeypatch):
+    from tinkex.engine import sampler
+
+    monkeypatch.setattr(sampler, "MAX_ROWS_PER_BATCH", 5)
+    jobs = [SampleJob(M, adapters[i % 2], PROMPT[: 4 + i], num_samples=3, max_tokens=5 + i, seed=i,
+                      stop_token_ids=[]) for i in range(4)]
+    together = engine.sample(jobs)
+    monkeypatch.undo()
+    for job, result in zip(jobs, together):
+        _same(result, engine.sample([job])[0])
+
+
+def test_removing_an_adapter_fails_its_running_requests(engine, new_id):
+    aid = new_id()
+    engine.create_adapter(aid, M, LoraSpec(rank=2, seed=5))
+    doomed = SampleJob(M, aid, PROMPT, max_tokens=50, seed=1, stop_token_ids=[])
+    other = SampleJob(M, None, PROMPT, max_tokens=8, seed=1, stop_token_ids=[])
+    engine.submit_samples([doomed, other])
+    engine.step_samples()
+    engine.remove_adapter(aid)
+    done = {}
+    while engine.sampling:
+        done.update((id(job), result) for job, result in engine.step_samples())
+    assert isinstance(done[id(doomed)], EngineError) and "was removed" in str(done[id(doomed)])
+    _same(done[id(other)], engine.sample([other])[0])
+
+
+def test_padding_left_by_finished_rows_is_cut_off(engine):
+    """A long prompt pads the short ones it runs beside; once it finishes, that padding goes."""
+    long = SampleJob(M, None, [3] * 30, max_tokens=2, seed=0, stop_token_ids=[])
+    short = SampleJob(M, None, [4, 5, 6], max_tokens=8, seed=0, stop_token_ids=[])
+    engine.submit_samples([long, short])
+    widths, done = [], {}
+    while engine.sampling:
+        done.update((id(job), result) for job, result in engine.step_samples())
+        if engine._decoding[M].rows:
+            widths.append(engine._decoding[M].cache.attention.shape[1])
+    assert widths[0] == 31 and min(widths) <= 3 + 8  # the short row's own tokens only
+    _same(done[id(short)], engine.sample([short])[0])

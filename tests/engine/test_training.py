@@ -50,6 +50,23 @@ def ref_dro(lp, inputs, config):
     return -(lp * inputs["advantages"] - beta / 2 * (lp - inputs["logprobs"]) ** 2).sum()
 
 
+def ref_gspo(lp, inputs, config):
+    """One datum: s = exp(mean log-ratio over the masked tokens), carried by every token with the
+    gradient of that token's own logprob: r_t = sg(s) * p_t / sg(p_t)."""
+    mask = inputs.get("sequence_ratio_mask", torch.ones_like(lp)) != 0
+    s = torch.exp((lp - inputs["logprobs"])[mask].mean()) if mask.any() else torch.ones((), dtype=lp.dtype)
+    r = s.detach() * torch.exp(lp - lp.detach())
+    clipped = torch.clamp(r, config.get("clip_low_threshold", 1 - 3e-4), config.get("clip_high_threshold", 1 + 4e-4))
+    return -torch.min(r * inputs["advantages"], clipped * inputs["advantages"]).sum()
+
+
+def ref_stable_reinforce(lp, inputs, config):
+    ratio = torch.exp(lp - inputs["logprobs"])
+    weight = torch.clamp(ratio.detach(), max=config.get("clip_high_threshold", 2.0))
+    kl = (ratio - 1) - (lp - inputs["logprobs"])
+    return -(weight * lp * inputs["advantages"]).sum() + config.get("kl_coeff", 0.0) * kl.sum()
+
+
 CASES = {
     "cross_entropy": (ref_cross_entropy, {}),
     "importance_sampling": (ref_importance_sampling, {}),
@@ -57,12 +74,17 @@ CASES = {
     "ppo-defaults": (ref_ppo, {}),
     "cispo": (ref_cispo, {}),
     "dro": (ref_dro, {"beta": 0.3}),
+    "gspo": (ref_gspo, {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
+    "gspo-mask": (ref_gspo, {"clip_low_threshold": 0.97, "clip_high_threshold": 1.03}),
+    "gspo-defaults": (ref_gspo, {}),
+    "stable_reinforce": (ref_stable_reinforce, {"clip_high_threshold": 1.1, "kl_coeff": 0.5}),
+    "stable_reinforce-defaults": (ref_stable_reinforce, {}),
 }
 
 
-def _make_data(rng, ref_model, leaves, scale, loss_fn, soft=False):
+def _make_data(rng, ref_model, leaves, scale, loss_fn, soft=False, mask=False):
     data = []
-    for length in (5, 11, 3):
+    for i, length in enumerate((5, 11, 3)):
         d = random_datum(rng, length)
         if soft:  # 2-D soft targets: K candidates per position with float weights
             d.inputs["target_tokens"] = rng.integers(0, V, (length, 3))
@@ -75,6 +97,8 @@ def _make_data(rng, ref_model, leaves, scale, loss_fn, soft=False):
             # sampler logprobs near the learner's, so some ratios fall outside the clip range
             d.inputs["logprobs"] = (lp + rng.normal(0, 0.3, length)).astype(np.float32)
             d.inputs["advantages"] = rng.normal(size=length).astype(np.float32)
+            if mask:  # some tokens out of the sequence ratio, and a datum with none in it (s = 1)
+                d.inputs["sequence_ratio_mask"] = (rng.random(length) < 0.6).astype(np.float32) * (i != 2)
         data.append(d)
     return data
 
@@ -88,7 +112,8 @@ def test_loss_matches_reference(engine, ref_model, new_id, case):
     randomize_b(engine, aid, seed=5)
     scale = LORA_ALPHA / 4
     leaves = leaf_copies(engine, aid)
-    data = _make_data(np.random.default_rng(len(case)), ref_model, leaves, scale, loss_fn, soft=case.endswith("2d"))
+    data = _make_data(np.random.default_rng(len(case)), ref_model, leaves, scale, loss_fn, soft=case.endswith("2d"),
+                      mask=case.endswith("mask"))
 
     (result,) = engine.forward_backward([ForwardBackwardJob(aid, data, loss_fn, loss_fn_config=config)])
 
@@ -102,6 +127,9 @@ def test_loss_matches_reference(engine, ref_model, new_id, case):
     ref_total.backward()
     assert result.metrics["loss:sum"] == pytest.approx(ref_total.item(), rel=1e-5, abs=1e-5)
     assert all(key.count(":") == 1 for key in result.metrics)
+    if case in ("ppo", "gspo", "stable_reinforce"):  # both sides of the clip (or cap) are exercised
+        fraction = result.metrics.get("clip_fraction:mean", result.metrics.get("truncated_fraction:mean"))
+        assert 0 < fraction < 1
     got = grads(engine, aid)
     for path, (a, b) in leaves.items():
         assert_close_scaled(got[path + ".A"], a.grad)
@@ -281,7 +309,8 @@ def test_big_calls_split_into_micro_batches_with_the_same_result(engine, new_id,
     rng = np.random.default_rng(4)
     rl = [random_datum(rng, n, logprobs=rng.normal(-8, 1, n), advantages=rng.normal(size=n)) for n in (9, 4, 12, 7)]
     jobs = [ForwardBackwardJob(ids[0], [random_datum(rng, n) for n in (5, 13, 8)], "cross_entropy"),
-            ForwardBackwardJob(ids[1], rl, "ppo")]
+            ForwardBackwardJob(ids[1], rl, "ppo"),
+            ForwardBackwardJob(ids[1], rl[::-1], "gspo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0})]
     whole = engine.forward_backward(jobs)
     whole_grads = {aid: grads(engine, aid) for aid in ids}
     for aid in ids:

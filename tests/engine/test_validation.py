@@ -42,7 +42,10 @@ BAD_JOBS = {  # name: (datums, loss, loss_fn_config, what the error must say)
     "empty tokens": ([datum([], [])], CE, {}, "non-empty"),
     "too long": ([datum(np.ones(8193, np.int64))], CE, {}, "exceed the model's context"),
     "unknown loss": ([datum([1, 2])], "hinge", {}, "unknown loss 'hinge'"),
-    "not yet": ([datum([1, 2])], "gspo", {}, "unsupported loss 'gspo'"),
+    "not served": ([datum([1, 2])], "custom", {}, "unsupported loss 'custom'"),
+    "bad mask shape": ([rl_datum(sequence_ratio_mask=np.ones(3, np.float32))], "gspo", {}, "sequence_ratio_mask has shape"),
+    "missing logprobs": ([datum([1, 2, 3], advantages=[1, 1, 1])], "stable_reinforce", {}, "'logprobs'"),
+    "negative kl": ([rl_datum()], "stable_reinforce", {"kl_coeff": -1}, "kl_coeff must be >= 0"),
     "bad config": ([rl_datum()], "ppo", {"clip_low_threshold": "x"}, "must be a number"),
     "inverted clip": ([rl_datum()], "cispo", {"clip_low_threshold": 1.5}, "must not exceed"),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..conftest import start_server
@@ -58,3 +59,30 @@ def test_a_corrupt_checkpoint_fails_clearly_and_names_itself(tmp_path, hf_home):
         assert api.model(api.session())
     finally:
         proc.stop()
+
+
+def test_sessions_without_heartbeats_expire_and_free_their_adapters(tmp_path, hf_home):
+    from tinkex.server import EmbeddedServer
+
+    with EmbeddedServer(data_dir=tmp_path / "data", api_keys={"tml-expiry-key-0001": "t"},
+                        session_timeout_seconds=2.0) as server:
+        api = Api(server.base_url, "tml-expiry-key-0001")
+        session_id = api.session()
+        model_id = api.model(session_id)
+        assert api.post("/session_heartbeat", json={"session_id": session_id}).status_code == 200
+        saved = api.post("/save_weights", json={"model_id": model_id, "path": "kept", "seq_id": 1}).json()
+        path = api.result(saved["request_id"]).json()["path"]
+        assert api.post("/session_heartbeat", json={"session_id": session_id}).status_code == 200
+        assert model_id in server.runtime.engine.adapter_ids()
+        deadline = time.monotonic() + 15
+        while model_id in server.runtime.engine.adapter_ids():  # no heartbeats are sent
+            assert time.monotonic() < deadline, "the session never expired"
+            time.sleep(0.2)
+        heartbeat = api.post("/session_heartbeat", json={"session_id": session_id})
+        assert heartbeat.status_code == 410  # the SDK's signal that the session is over
+        # its checkpoint stays and still loads into a new session
+        assert [c["tinker_path"] for c in api.http.get(f"/training_runs/{model_id}/checkpoints").json()["checkpoints"]] \
+            == [path]
+        load = api.post("/load_weights", json={"session_id": api.session(), "model_seq_id": 0, "path": path,
+                                               "optimizer": True}).json()
+        assert "model_id" in api.result(load["request_id"]).json()

@@ -7,6 +7,7 @@ here) do not, so the server can build jobs without paying for torch until it mak
 from .api import (
     BUILTIN_MODEL,
     LORA_ALPHA,
+    LOSS_INPUTS,
     AdamHyper,
     BaseModelInfo,
     DatumArrays,
@@ -14,14 +15,16 @@ from .api import (
     ForwardBackwardJob,
     ForwardBackwardResult,
     LoraSpec,
+    LossSpec,
     SampledSeq,
     SampleJob,
     SampleResult,
 )
 
 __all__ = [
-    "BUILTIN_MODEL", "LORA_ALPHA", "AdamHyper", "BaseModelInfo", "DatumArrays", "Engine", "EngineError",
-    "ForwardBackwardJob", "ForwardBackwardResult", "LoraSpec", "SampledSeq", "SampleJob", "SampleResult",
+    "BUILTIN_MODEL", "LORA_ALPHA", "LOSS_INPUTS", "AdamHyper", "BaseModelInfo", "DatumArrays", "Engine",
+    "EngineError", "ForwardBackwardJob", "ForwardBackwardResult", "LoraSpec", "LossSpec", "SampledSeq", "SampleJob",
+    "SampleResult",
 ]
 
 

@@ -6,8 +6,9 @@ Everything here is cheap to import (no torch), so the server can build jobs with
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -21,6 +22,75 @@ class EngineError(ValueError):
 
     The server answers these with a 4xx and the message as `detail`; anything else is a server fault.
     """
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A built-in loss as the wire sees it: what it reads from each datum's loss_fn_inputs, and the
+    loss_fn_config keys it accepts with their defaults. (The formulas: tinkex.engine.losses.)"""
+
+    required: tuple[str, ...]  # target_tokens always
+    optional: tuple[str, ...] = ()  # a missing optional input is all ones
+    config: Mapping[str, float] = field(default_factory=dict)
+    soft_targets: bool = False  # accepts 2-D target_tokens and weights [T, K]
+
+
+_RL = ("target_tokens", "logprobs", "advantages")
+_PPO_CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+# GSPO's ratio is a per-token geometric mean over a whole sequence, so it moves far less than a
+# token's ratio: the GSPO paper clips it to [1 - 3e-4, 1 + 4e-4], and so do we by default.
+_GSPO_CLIP = {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4}
+# stable_reinforce caps the importance weight at 2, as truncated importance sampling usually does,
+# and adds no KL penalty unless asked to (e.g. {"kl_coeff": 0.01}).
+_STABLE = {"clip_high_threshold": 2.0, "kl_coeff": 0.0}
+
+# The one table of loss names, inputs and settings: the server checks each request against it when
+# it arrives (a missing input is a 400 at once), and the engine computes with it.
+LOSS_INPUTS: dict[str, LossSpec] = {
+    "cross_entropy": LossSpec(("target_tokens",), ("weights",), soft_targets=True),
+    "importance_sampling": LossSpec(_RL),
+    "ppo": LossSpec(_RL, config=_PPO_CLIP),
+    "cispo": LossSpec(_RL, config=_PPO_CLIP),
+    "dro": LossSpec(_RL, config={"beta": 0.05}),
+    "gspo": LossSpec(_RL, ("sequence_ratio_mask",), config=_GSPO_CLIP),
+    "stable_reinforce": LossSpec(_RL, config=_STABLE),
+}
+UNSUPPORTED_LOSSES = ("custom",)  # in the SDK's LossFnType, but not served here
+
+
+def loss_spec(name: str) -> LossSpec:
+    if name in LOSS_INPUTS:
+        return LOSS_INPUTS[name]
+    served = ", ".join(LOSS_INPUTS)
+    if name in UNSUPPORTED_LOSSES:
+        raise EngineError(f"unsupported loss {name!r} (this server implements: {served})")
+    raise EngineError(f"unknown loss {name!r} (known: {served})")
+
+
+def resolve_loss_config(name: str, config: Mapping[str, float | str] | None) -> dict[str, float]:
+    """The loss_fn_config of loss `name` with defaults filled in. Keys this loss does not use are
+    ignored (clients keep one config across losses); a key it uses must be a finite number."""
+    spec = loss_spec(name)
+    resolved = dict(spec.config)
+    for key, value in (config or {}).items():
+        if key not in spec.config:
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise EngineError(f"loss_fn_config[{key!r}] must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise EngineError(f"loss_fn_config[{key!r}] must be finite, got {value!r}")
+        resolved[key] = number
+    if "clip_low_threshold" in resolved and resolved["clip_low_threshold"] > resolved["clip_high_threshold"]:
+        raise EngineError(f"loss {name!r}: clip_low_threshold must not exceed clip_high_threshold")
+    if name == "stable_reinforce":
+        if resolved["clip_high_threshold"] <= 0:
+            raise EngineError("loss 'stable_reinforce': clip_high_threshold (the cap of the importance weight) "
+                              "must be > 0")
+        if resolved["kl_coeff"] < 0:
+            raise EngineError("loss 'stable_reinforce': kl_coeff must be >= 0")
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -94,6 +164,9 @@ class SampleJob:
     prompt_logprobs_last_n: int | None = None
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
+    # int64 [len(prompt) - 1, K]: row i lists tokens whose logprob as token i + 1 of the prompt is
+    # wanted (given tokens 0..i); -1 marks an unused cell.
+    target_prompt_tokens: np.ndarray | None = field(default=None, compare=False)
     # Streaming: called on the engine thread with (sample index, tokens so far) as they are decoded.
     on_tokens: Callable[[int, list[int]], None] | None = field(default=None, repr=False, compare=False)
 
@@ -113,3 +186,4 @@ class SampleResult:
     prompt_logprobs: np.ndarray | None = None  # float32 [len(prompt)], NaN at 0 and where not asked
     topk_prompt_token_ids: np.ndarray | None = None  # int32 [len(prompt), K]; row 0 is the sentinel
     topk_prompt_logprobs: np.ndarray | None = None  # float32 [len(prompt), K]
+    target_prompt_logprobs: np.ndarray | None = None  # float32, like target_prompt_tokens; 0.0 in unused cells

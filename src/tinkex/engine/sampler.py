@@ -1,24 +1,34 @@
-"""Batched sampling with a KV cache, across jobs and adapters of one base model.
+"""Batched sampling with a KV cache, across requests and adapters of one base model, with
+continuous batching: a request that arrives while others decode joins them at the next step.
 
-1. Prefill: the prompts of all jobs, left-padded into one batch (attention mask + explicit
-   positions), run once. The lm_head keeps only the positions whose logits are needed: the last
-   one of each prompt, plus the ones whose prompt logprobs were asked for.
-2. Expand: each prompt's cache row is repeated num_samples times (`reorder_cache` with repeated
-   indices), so the samples of a prompt share its prefill.
-3. Decode: one token per row per step through the cache. Rows that stop are dropped from the
-   batch (and the cache) at once.
+A `DecodeBatch` holds the running rows of one base model, one row per (request, sample). Each
+`step()` does two things:
+
+1. Admission: queued requests (as many as the row budget allows) are prefilled together, their
+   prompts left-padded into one batch and run once. The lm_head keeps only the positions whose
+   logits are needed: the last one of each prompt, plus those whose prompt logprobs (or target
+   prompt logprobs) were asked for. Each prompt's cache row is then repeated num_samples times, so
+   the samples of a request share its prefill, and the new rows join the running ones
+   (kvcache.RowCache.extend).
+2. Decoding: every row draws its next token from its pending logits, rows that stop leave the batch
+   (and the cache) at once, and the others run one decode forward together.
 
 Reported logprobs are those of the *unmodified* distribution (log_softmax of the raw logits, at
 temperature 1), so they match what forward_backward computes for the same tokens. Temperature,
-top-k and top-p shape only the distribution the token is drawn from, with a per-job seeded
-generator: the same seed gives the same tokens.
+top-k and top-p shape only the distribution the token is drawn from.
+
+Each request draws from its own seeded generator, always over exactly its own live rows, and every
+row has its own attention mask and positions: the tokens of a request do not depend on which other
+requests share the batch, or on when it joined (up to the float rounding of differently padded
+batches, which is far below what changes a draw). The same seed gives the same tokens.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import secrets
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,11 +36,12 @@ import torch
 
 from . import lora
 from .api import EngineError, SampledSeq, SampleJob, SampleResult
+from .kvcache import RowCache
 from .models import BaseModel
 
 MAX_SAMPLES = 128
-MAX_ROWS_PER_BATCH = 256  # decode rows (sum of num_samples) in one batch
-MAX_PREFILL_TOKENS = 1 << 16  # padded prompt tokens in one batch
+MAX_ROWS_PER_BATCH = 256  # decode rows (sum of num_samples) running at once
+MAX_PREFILL_TOKENS = 1 << 16  # padded prompt tokens in one admission
 TOPK_SENTINEL = (0, -99999.0)  # Tinker's "no entry" cell of a top-k table
 
 
@@ -40,21 +51,21 @@ class PreparedSample:
     job: SampleJob
     stop_ids: frozenset[int]
     first_prompt_logprob: int  # first prompt position whose logprob/top-k is reported (len(prompt) = none)
+    first_logit: int  # first prompt position whose logits the prefill keeps (the last one always)
     tail_tokens: int  # how many trailing tokens to decode when looking for stop strings
+    targets: np.ndarray | None  # int64 [len(prompt) - 1, K], -1 = no request
+    generator: torch.Generator | None = None
     # filled while running
     rows: list[list[int]] = field(default_factory=list)
     row_logprobs: list[list[float]] = field(default_factory=list)
     row_topk: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
     stopped: list[bool] = field(default_factory=list)
+    live: int = 0  # rows still decoding
     result: SampleResult | None = None
 
     @property
     def owner(self) -> str | None:
         return self.job.adapter_id
-
-    @property
-    def wants_prompt(self) -> bool:
-        return self.job.prompt_logprobs or self.job.topk_prompt_logprobs > 0
 
 
 def prepare(index: int, job: SampleJob, base: BaseModel) -> PreparedSample:
@@ -97,46 +108,180 @@ def prepare(index: int, job: SampleJob, base: BaseModel) -> PreparedSample:
             raise EngineError(f"stop token id {bad[0]} is outside the vocabulary [0, {info.vocab_size})")
     if any(not isinstance(s, str) or not s for s in job.stop_strings):
         raise EngineError("stop strings must be non-empty strings")
+    targets = _check_targets(job.target_prompt_tokens, len(prompt), info.vocab_size)
     first = len(prompt)
     if job.prompt_logprobs or job.topk_prompt_logprobs:
         first = 1 if last_n is None else max(1, len(prompt) - last_n)
+    # Logits at p predict token p + 1: prompt logprobs from `first` need logits from first - 1, and
+    # target row r needs the logits at r.
+    first_logit = min(first - 1, len(prompt) - 1)
+    if targets is not None and (wanted := np.flatnonzero((targets >= 0).any(axis=1))).size:
+        first_logit = min(first_logit, int(wanted[0]))
     # Every token decodes to at least one byte, so a stop string of b bytes ending in the newest
     # token lies within the last b tokens; two more absorb a leading space or a split character.
     tail = max((len(s.encode()) for s in job.stop_strings), default=0) + 2
-    return PreparedSample(index, job, stop_ids, first, tail)
+    n = job.num_samples
+    return PreparedSample(index, job, stop_ids, first, first_logit, tail, targets,
+                          generator=_generator(job.seed, base.device),
+                          rows=[[] for _ in range(n)], row_logprobs=[[] for _ in range(n)],
+                          row_topk=[[] for _ in range(n)], stopped=[False] * n)
 
 
-def run(base: BaseModel, jobs: list[PreparedSample]) -> dict[int, SampleResult]:
-    jobs = sorted(jobs, key=lambda j: j.owner or "")  # rows of one adapter are contiguous
-    for batch in _batches(jobs):
-        _run_batch(base, batch)
-    return {job.index: job.result for job in jobs}
+def _check_targets(targets, prompt_length: int, vocab_size: int) -> np.ndarray | None:
+    if targets is None:
+        return None
+    array = np.asarray(targets)
+    if array.dtype.kind not in "iu":
+        raise EngineError(f"target_prompt_tokens must be token ids (integers), got dtype {array.dtype}")
+    if array.ndim != 2 or array.shape[0] != prompt_length - 1:
+        raise EngineError(f"target_prompt_tokens must have shape [len(prompt) - 1, K] = [{prompt_length - 1}, K], "
+                          f"got {list(array.shape)}")
+    bad = array[(array < -1) | (array >= vocab_size)]
+    if bad.size:
+        raise EngineError(f"target_prompt_tokens: token id {int(bad[0])} is outside the vocabulary "
+                          f"[0, {vocab_size}) (-1 marks an unused cell)")
+    return array.astype(np.int64, copy=False)
 
 
-def _batches(jobs: list[PreparedSample]):
-    batch, rows, longest = [], 0, 0
-    for job in jobs:
-        n, length = job.job.num_samples, len(job.job.prompt)
-        if batch and (rows + n > MAX_ROWS_PER_BATCH or max(longest, length) * (len(batch) + 1) > MAX_PREFILL_TOKENS):
-            yield batch
-            batch, rows, longest = [], 0, 0
-        batch.append(job)
-        rows, longest = rows + n, max(longest, length)
-    if batch:
-        yield batch
+class DecodeBatch:
+    """The running sample requests of one base model (see the module docstring)."""
+
+    def __init__(self, base: BaseModel):
+        self.base = base
+        self.pending: deque[PreparedSample] = deque()
+        self.cache = RowCache(base)
+        self.rows: list[tuple[PreparedSample, int]] = []  # (request, sample index), one per cache row
+        self.logits: torch.Tensor | None = None  # [rows, vocab]: each row's next-token logits, not yet drawn from
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and not self.rows
+
+    def jobs(self) -> Iterator[PreparedSample]:
+        yield from self.pending
+        yield from {id(job): job for job, _ in self.rows}.values()
+
+    def submit(self, jobs: list[PreparedSample]) -> None:
+        self.pending.extend(jobs)
+
+    @torch.inference_mode()
+    def step(self) -> list[PreparedSample]:
+        """Admit what waits (if there is room), then decode one token in every row. Returns the
+        requests that finished, their `result` complete."""
+        finished = self._admit()
+        if self.rows:
+            finished += self._decode()
+        return finished
+
+    def cancel(self, adapter_id: str) -> list[PreparedSample]:
+        """Drop every request that samples from this adapter (it is being removed); returns them."""
+        gone = [job for job in self.jobs() if job.owner == adapter_id]
+        if gone:
+            self.pending = deque(job for job in self.pending if job.owner != adapter_id)
+            self._keep([r for r, (job, _) in enumerate(self.rows) if job.owner != adapter_id])
+        return gone
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def _admit(self) -> list[PreparedSample]:
+        if not self.pending or (self.rows and not self.cache.mergeable):
+            return []  # a cache that cannot take new rows lets them wait for the batch to drain
+        batch, rows, longest = [], len(self.rows), 0
+        while self.pending:
+            job = self.pending[0]
+            n, length = job.job.num_samples if job.job.max_tokens > 0 else 0, len(job.job.prompt)
+            if rows + n > MAX_ROWS_PER_BATCH and (batch or self.rows):
+                break  # wait for rows to finish
+            if batch and max(longest, length) * (len(batch) + 1) > MAX_PREFILL_TOKENS:
+                break
+            batch.append(self.pending.popleft())
+            rows, longest = rows + n, max(longest, length)
+        if not batch:
+            return []
+        batch.sort(key=lambda job: job.owner or "")  # rows of one adapter contiguous in the prefill
+        fresh = RowCache(self.base)
+        last_logits = _prefill(fresh, batch)
+        new_rows = [(j, s) for j, job in enumerate(batch) if job.job.max_tokens > 0 for s in range(job.job.num_samples)]
+        fresh.select([j for j, _ in new_rows])  # each prompt's cache row, once per sample
+        self.cache.extend(fresh)
+        self.rows += [(batch[j], s) for j, s in new_rows]
+        if new_rows:
+            index = torch.tensor([j for j, _ in new_rows], device=last_logits.device)
+            new_logits = last_logits.index_select(0, index)
+            self.logits = new_logits if self.logits is None else torch.cat([self.logits, new_logits])
+        for job in batch:
+            job.live = job.job.num_samples if job.job.max_tokens > 0 else 0
+        self._group_by_adapter()
+        finished = [job for job in batch if job.live == 0]
+        for job in finished:
+            _finish(job)
+        return finished
+
+    def _group_by_adapter(self) -> None:
+        """Reorder rows so each adapter's are contiguous (one LoRA product per adapter and layer).
+        The sort is stable, so the rows of one request stay together and in order."""
+        order = sorted(range(len(self.rows)), key=lambda r: self.rows[r][0].owner or "")
+        if order != list(range(len(self.rows))):
+            self._keep(order)
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep these rows (of the cache, the pending logits and the bookkeeping), in this order."""
+        if rows == list(range(len(self.rows))):
+            return
+        self.cache.select(rows)
+        self.rows = [self.rows[r] for r in rows]
+        self.logits = self.logits.index_select(0, torch.tensor(rows, device=self.logits.device)) if rows else None
+
+    # --- decoding ----------------------------------------------------------------------------
+
+    def _decode(self) -> list[PreparedSample]:
+        logits = self.logits
+        logprobs = logits.float().log_softmax(-1)  # the unmodified distribution, for reporting
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=logits.device)
+        for job, lo, hi in _runs([job for job, _ in self.rows]):
+            tokens[lo:hi] = _choose(logits[lo:hi].float(), job.job, job.generator)
+        token_list = tokens.tolist()
+        token_lp = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        k_max = max(job.job.topk_sample_logprobs for job, _ in self.rows)
+        if k_max:
+            top = logprobs.topk(k_max, dim=-1)
+            top_ids, top_values = top.indices.cpu().numpy(), top.values.cpu().numpy()
+        survivors, finished = [], []
+        for r, (job, s) in enumerate(self.rows):
+            job.rows[s].append(token_list[r])
+            job.row_logprobs[s].append(token_lp[r])
+            if k := job.job.topk_sample_logprobs:
+                job.row_topk[s].append((top_ids[r, :k], top_values[r, :k]))
+            if job.job.on_tokens is not None:  # streaming listeners see every row as it grows
+                job.job.on_tokens(s, job.rows[s])
+            if _stops(job, s, token_list[r], self.base):
+                job.stopped[s] = True
+            elif len(job.rows[s]) < job.job.max_tokens:
+                survivors.append(r)
+                continue
+            job.live -= 1
+            if job.live == 0:
+                _finish(job)
+                finished.append(job)
+        if len(survivors) < len(self.rows):  # drop finished rows from the batch and the cache
+            self._keep(survivors)
+            tokens = tokens[survivors]
+        if self.rows:
+            self.logits = self.cache.decode(tokens, [job.owner for job, _ in self.rows])
+        return finished
 
 
-@torch.inference_mode()
-def _run_batch(base: BaseModel, jobs: list[PreparedSample]) -> None:
-    step = _Stepper(base)
-    last_logits = _prefill(step, jobs)
-    _decode(step, jobs, last_logits)
-    for job in jobs:
-        job.result.sequences = [_sequence(job, s) for s in range(job.job.num_samples)]
+def _runs(items: list) -> Iterator[tuple[object, int, int]]:
+    """(item, start, stop) for each run of the same object."""
+    start = 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i] is not items[start]:
+            yield items[start], start, i
+            start = i
 
 
-def _prefill(step: _Stepper, jobs: list[PreparedSample]) -> torch.Tensor:
-    """Run all prompts, left-padded, through the model once. Fills each job's prompt logprobs and
+def _prefill(cache: RowCache, jobs: list[PreparedSample]) -> torch.Tensor:
+    """Run all prompts, left-padded, through the model once. Fills each job's prompt results and
     returns the next-token logits of each prompt, [jobs, vocab]."""
     lengths = [len(job.job.prompt) for job in jobs]
     width = max(lengths)
@@ -147,126 +292,21 @@ def _prefill(step: _Stepper, jobs: list[PreparedSample]) -> torch.Tensor:
         pad = width - n
         ids[j, pad:] = job.job.prompt
         mask[j, pad:] = 1
-        # Logits at p predict token p+1: prompt logprobs from position `first` need logits from first-1.
-        span = range(j * width + pad + job.first_prompt_logprob - 1, (j + 1) * width)
+        span = range(j * width + pad + job.first_logit, (j + 1) * width)
         keep.extend(span)
         kept_owners.extend([job.owner] * len(span))
-    device = step.device
-    logits = step.prefill(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
-                          [job.owner for job in jobs],
-                          head=(torch.tensor(keep, device=device), lora.groups_from_owners(kept_owners)))
+    device = cache.device
+    logits = cache.prefill(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
+                           [job.owner for job in jobs],
+                           head=(torch.tensor(keep, device=device), lora.groups_from_owners(kept_owners)))
     last, start = [], 0
     for job, n in zip(jobs, lengths):
-        count = n - job.first_prompt_logprob + 1
-        job_logits = logits[start:start + count].float()
+        count = n - job.first_logit
+        job_logits = logits[start:start + count].float()  # positions first_logit .. n-1
         start += count
         job.result = _prompt_result(job, job_logits[:-1])
         last.append(job_logits[-1])
     return torch.stack(last)
-
-
-def _decode(step: _Stepper, jobs: list[PreparedSample], last_logits: torch.Tensor) -> None:
-    """Sample every row of every job until it stops; rows are (job, sample) pairs."""
-    for job in jobs:
-        n = job.job.num_samples
-        job.rows, job.row_logprobs, job.row_topk = ([[] for _ in range(n)] for _ in range(3))
-        job.stopped = [False] * n
-    live = [(j, s) for j, job in enumerate(jobs) if job.job.max_tokens > 0 for s in range(job.job.num_samples)]
-    if not live:
-        return
-    logits = step.select([j for j, _ in live], last_logits)  # each prompt's cache row, once per sample
-    generators = [_generator(job.job.seed, step.device) for job in jobs]
-    while True:
-        logprobs = logits.float().log_softmax(-1)  # the unmodified distribution, for reporting
-        tokens = torch.empty(len(live), dtype=torch.long, device=step.device)
-        for j, lo, hi in _segments([j for j, _ in live]):
-            tokens[lo:hi] = _choose(logits[lo:hi].float(), jobs[j].job, generators[j])
-        token_list = tokens.tolist()
-        token_lp = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-        k_max = max(jobs[j].job.topk_sample_logprobs for j, _ in live)
-        if k_max:
-            top = logprobs.topk(k_max, dim=-1)
-            top_ids, top_values = top.indices.cpu().numpy(), top.values.cpu().numpy()
-        survivors = []
-        for r, (j, s) in enumerate(live):
-            job = jobs[j]
-            job.rows[s].append(token_list[r])
-            job.row_logprobs[s].append(token_lp[r])
-            if k := job.job.topk_sample_logprobs:
-                job.row_topk[s].append((top_ids[r, :k], top_values[r, :k]))
-            if job.job.on_tokens is not None:  # streaming listeners see every row as it grows
-                job.job.on_tokens(s, job.rows[s])
-            if _stops(job, s, token_list[r], step.base):
-                job.stopped[s] = True
-            elif len(job.rows[s]) < job.job.max_tokens:
-                survivors.append(r)
-        if not survivors:
-            return
-        if len(survivors) < len(live):  # drop finished rows from the batch and the cache
-            tokens = step.select(survivors, tokens)
-            live = [live[r] for r in survivors]
-        logits = step.decode(tokens, [jobs[j].owner for j, _ in live])
-
-
-class _Stepper:
-    """Runs the model for the prefill and each decode step; owns the batch's KV cache, attention
-    mask and next positions, and keeps them in step with the rows."""
-
-    def __init__(self, base: BaseModel):
-        self.base, self.device = base, base.device
-        self.cache = None
-        self.attention: torch.Tensor | None = None  # [rows, cached tokens + 1]
-        self.next_pos: torch.Tensor | None = None  # [rows] position of each row's next token
-        # transformers >= 5.2x names the argument `cache`; earlier versions `past_key_values`.
-        parameters = inspect.signature(base.model.forward).parameters
-        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
-
-    def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, owners: list[str | None],
-                head: tuple[torch.Tensor, list]) -> torch.Tensor:
-        """Left-padded prompts [rows, width] with their mask; logits at the `head` positions."""
-        self.attention = attention
-        self.next_pos = attention.sum(-1)  # the first sampled token follows the prompt
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        return self._forward(input_ids, positions, owners, head)
-
-    def decode(self, tokens: torch.Tensor, owners: list[str | None]) -> torch.Tensor:
-        """One new token per row; next-token logits [rows, vocab]."""
-        self.attention = torch.cat([self.attention, self.attention.new_ones(len(tokens), 1)], dim=1)
-        logits = self._forward(tokens[:, None], self.next_pos[:, None], owners)[:, -1]
-        self.next_pos = self.next_pos + 1
-        return logits
-
-    def _forward(self, input_ids, position_ids, owners, head=None) -> torch.Tensor:
-        routing = self.base.routing
-        groups = lora.groups_from_owners(owners)  # row r belongs to adapter owners[r] (None: base)
-        head_index, head_groups = head if head is not None else (None, None)
-        routing.set(groups, head_index, head_groups)
-        kwargs = {self.cache_arg: self.cache} if self.cache is not None else {}
-        try:
-            out = self.base.model(input_ids=input_ids, attention_mask=self.attention, position_ids=position_ids,
-                                  use_cache=True, **kwargs)
-        finally:
-            routing.clear()
-        cache = getattr(out, "cache", None)
-        self.cache = cache if cache is not None else getattr(out, "past_key_values", None)
-        return out.logits
-
-    def select(self, rows: list[int], also: torch.Tensor) -> torch.Tensor:
-        """Keep (or repeat) these rows of the cache, mask and positions; returns `also` likewise."""
-        index = torch.tensor(rows, device=self.device)
-        self.cache.reorder_cache(index)
-        self.attention = self.attention.index_select(0, index)
-        self.next_pos = self.next_pos.index_select(0, index)
-        return also.index_select(0, index)
-
-
-def _segments(owners: list[int]):
-    """(value, start, stop) for each run of equal values."""
-    start = 0
-    for i in range(1, len(owners) + 1):
-        if i == len(owners) or owners[i] != owners[start]:
-            yield owners[start], start, i
-            start = i
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -301,27 +341,41 @@ def _stops(job: PreparedSample, s: int, token: int, base: BaseModel) -> bool:
 
 
 def _prompt_result(job: PreparedSample, logits: torch.Tensor) -> SampleResult:
-    """Prompt logprobs and top-k from the logits at positions first-1 .. len(prompt)-2."""
+    """Prompt logprobs, top-k and target logprobs from the logits at positions first_logit .. len(prompt)-2
+    (logits[i] predicts prompt token first_logit + i + 1)."""
     prompt = job.job.prompt
     result = SampleResult(sequences=[])
-    first = job.first_prompt_logprob
+    first, offset = job.first_prompt_logprob, job.first_logit
     logprobs = logits.log_softmax(-1) if len(logits) else logits
+    reported = logprobs[first - 1 - offset:]  # the positions whose prompt logprob / top-k is reported
     if job.job.prompt_logprobs:
         values = np.full(len(prompt), np.nan, np.float32)
-        if len(logits):
+        if len(reported):
             targets = torch.tensor(prompt[first:], device=logits.device)
-            values[first:] = logprobs.gather(1, targets[:, None]).squeeze(1).cpu().numpy()
+            values[first:] = reported.gather(1, targets[:, None]).squeeze(1).cpu().numpy()
         result.prompt_logprobs = values
     k = job.job.topk_prompt_logprobs
     if k:
         ids = np.full((len(prompt), k), TOPK_SENTINEL[0], np.int32)
         values = np.full((len(prompt), k), TOPK_SENTINEL[1], np.float32)
-        if len(logits):
-            top = logprobs.topk(k, dim=-1)
+        if len(reported):
+            top = reported.topk(k, dim=-1)
             ids[first:] = top.indices.cpu().numpy()
             values[first:] = top.values.cpu().numpy()
         result.topk_prompt_token_ids, result.topk_prompt_logprobs = ids, values
+    if job.targets is not None:
+        wanted = job.targets[offset:]  # rows offset.. are predicted by logits[0..]
+        values = np.zeros(job.targets.shape, np.float32)
+        if wanted.size:
+            cells = torch.from_numpy(np.maximum(wanted, 0)).to(logits.device)
+            got = logprobs.gather(1, cells).cpu().numpy()
+            values[offset:] = np.where(wanted >= 0, got, 0.0)
+        result.target_prompt_logprobs = values
     return result
+
+
+def _finish(job: PreparedSample) -> None:
+    job.result.sequences = [_sequence(job, s) for s in range(job.job.num_samples)]
 
 
 def _sequence(job: PreparedSample, s: int) -> SampledSeq:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import lora, losses
-from .api import DatumArrays, EngineError, ForwardBackwardJob, ForwardBackwardResult
+from .api import DatumArrays, EngineError, ForwardBackwardJob, ForwardBackwardResult, resolve_loss_config
 from .models import BaseModel
 
 
@@ -51,7 +51,7 @@ class PreparedJob:
 def prepare(index: int, job: ForwardBackwardJob, base: BaseModel, *, trainable: bool) -> PreparedJob:
     """Check everything a job brings; raise EngineError saying exactly what is wrong."""
     loss = losses.lookup(job.loss_fn)
-    config = losses.resolve_config(job.loss_fn, loss, job.loss_fn_config)
+    config = resolve_loss_config(job.loss_fn, job.loss_fn_config)
     if not job.forward_only and not trainable:
         raise EngineError(f"adapter {job.adapter_id!r} was loaded for sampling only and cannot be trained")
     info = base.info
@@ -107,7 +107,7 @@ def _float_input(datum: DatumArrays, name: str, shape: tuple[int, ...], where: s
     if name not in datum.inputs:
         if required:
             raise EngineError(f"{where}: this loss needs input {name!r}")
-        return np.ones(shape, np.float32)  # only `weights` is optional: missing means all ones
+        return np.ones(shape, np.float32)  # an optional input (weights, sequence_ratio_mask) missing means all ones
     array = np.asarray(datum.inputs[name])
     if array.dtype.kind not in "fiu":
         raise EngineError(f"{where}: {name} must be numbers, got dtype {array.dtype}")
@@ -188,7 +188,8 @@ def _run_batch(base: BaseModel, jobs: list[PreparedJob]) -> dict[int, tuple]:
             targets = torch.from_numpy(job.targets).to(device)
             lp = logprobs_all[start:stop].gather(1, targets.view(len(targets), -1)).view(targets.shape)
             inputs = {k: torch.from_numpy(v).to(device) for k, v in job.inputs.items()}
-            loss, metrics = job.loss.fn(lp, inputs, job.config)
+            lengths = torch.tensor(job.lengths, dtype=torch.long, device=device)
+            loss, metrics = job.loss.fn(lp, inputs, job.config, lengths)
             if job.train:
                 total = loss if total is None else total + loss
             raw[job.index] = (lp.detach(), loss.detach(), metrics, stop - start)

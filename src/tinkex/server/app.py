@@ -22,6 +22,13 @@ def _describe(errors: list[dict]) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+async def _expire_sessions(runtime: Runtime) -> None:
+    period = min(30.0, max(0.5, runtime.settings.session_timeout_seconds / 4))
+    while True:
+        await asyncio.sleep(period)
+        await asyncio.to_thread(runtime.expire_sessions)
+
+
 class FaultRule(BaseModel):
     path: str
     status: int
@@ -35,7 +42,9 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
     async def lifespan(_app: FastAPI):
         runtime.futures.bind_loop(asyncio.get_running_loop())
         runtime.start()
+        sweeper = asyncio.create_task(_expire_sessions(runtime))
         yield
+        sweeper.cancel()
         runtime.stop()
 
     app = FastAPI(title="tinkex", summary="A Tinker-compatible fine-tuning server", lifespan=lifespan)

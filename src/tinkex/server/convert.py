@@ -10,7 +10,16 @@ import math
 
 import numpy as np
 
-from tinkex.engine.api import BaseModelInfo, DatumArrays, ForwardBackwardResult, SampleJob, SampleResult
+from tinkex.engine.api import (
+    BaseModelInfo,
+    DatumArrays,
+    EngineError,
+    ForwardBackwardResult,
+    SampleJob,
+    SampleResult,
+    loss_spec,
+    resolve_loss_config,
+)
 from tinkex.types import (
     Datum,
     EncodedTextChunk,
@@ -22,14 +31,6 @@ from tinkex.types import (
     topk_rows,
 )
 
-# What each built-in loss reads from loss_fn_inputs (besides the model input).
-LOSS_INPUTS: dict[str, tuple[str, ...]] = {
-    "cross_entropy": ("target_tokens",),
-    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
-    "ppo": ("target_tokens", "logprobs", "advantages"),
-    "cispo": ("target_tokens", "logprobs", "advantages"),
-    "dro": ("target_tokens", "logprobs", "advantages"),
-}
 MAX_SAMPLES = 128
 DEFAULT_MAX_TOKENS = 128
 
@@ -61,9 +62,10 @@ def datum_arrays(datum: Datum, index: int, loss_fn: str, info: BaseModelInfo) ->
     if tokens.size > info.max_context_length:
         raise InputError(f"{what}: {tokens.size} tokens exceed the context of {info.name} ({info.max_context_length})")
     _check_ids(tokens, info, what)
-    for key in LOSS_INPUTS[loss_fn]:
-        if key not in datum.loss_fn_inputs:
-            raise InputError(f"{what}: loss {loss_fn!r} needs loss_fn_inputs[{key!r}]")
+    missing = [key for key in loss_spec(loss_fn).required if key not in datum.loss_fn_inputs]
+    if missing:
+        raise InputError(f"{what}: loss {loss_fn!r} needs loss_fn_inputs {', '.join(map(repr, missing))} "
+                         f"(it has {', '.join(map(repr, datum.loss_fn_inputs)) or 'none'})")
     inputs: dict[str, np.ndarray] = {}
     for key, tensor in datum.loss_fn_inputs.items():
         array = tensor.to_numpy()
@@ -78,19 +80,22 @@ def datum_arrays(datum: Datum, index: int, loss_fn: str, info: BaseModelInfo) ->
         if targets.dtype.kind != "i":
             raise InputError(f"{what}: target_tokens must be int64")
         _check_ids(targets, info, f"{what} target_tokens")
-        weights = inputs.get("weights")
-        if weights is not None and weights.shape != targets.shape:
-            raise InputError(f"{what}: weights shape {list(weights.shape)} differs from target_tokens "
-                             f"shape {list(targets.shape)}")
+        spec = loss_spec(loss_fn)
+        if targets.ndim != 1 and not (spec.soft_targets and targets.ndim == 2):
+            raise InputError(f"{what}: target_tokens must be 1-D for loss {loss_fn!r}, got shape {list(targets.shape)}")
+        for key in (*spec.required, *spec.optional):
+            if key != "target_tokens" and key in inputs and inputs[key].shape != targets.shape:
+                raise InputError(f"{what}: {key} shape {list(inputs[key].shape)} differs from target_tokens "
+                                 f"shape {list(targets.shape)}")
     return DatumArrays(tokens=tokens, inputs=inputs)
 
 
 def check_loss(loss_fn: str, config: dict[str, float | str] | None) -> None:
-    if loss_fn not in LOSS_INPUTS:
-        raise InputError(f"unknown loss {loss_fn!r}; this server supports {', '.join(sorted(LOSS_INPUTS))}")
-    for key, value in (config or {}).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"loss_fn_config[{key!r}] must be finite")
+    """The loss exists here and its loss_fn_config is valid (the table is the engine's, so the two agree)."""
+    try:
+        resolve_loss_config(loss_fn, config)
+    except EngineError as exc:
+        raise InputError(str(exc)) from None
 
 
 def forward_backward_output(result: ForwardBackwardResult) -> ForwardBackwardOutput:
@@ -139,6 +144,7 @@ def sample_job(request: SampleRequest, info: BaseModelInfo, adapter_id: str | No
     elif isinstance(stop, list):
         stop_ids = [int(t) for t in stop]
         _check_ids(np.asarray(stop_ids), info, "stop")
+    targets = _target_prompt_tokens(request.target_prompt_logprobs, prompt.size, info)
     seed = None if params.seed is None else params.seed % (2**63)
     return SampleJob(
         base_model=info.name, adapter_id=adapter_id, prompt=prompt.tolist(), num_samples=request.num_samples,
@@ -147,7 +153,29 @@ def sample_job(request: SampleRequest, info: BaseModelInfo, adapter_id: str | No
         prompt_logprobs=request.prompt_logprobs or request.topk_prompt_logprobs > 0,
         prompt_logprobs_last_n=request.prompt_logprobs_last_n,
         topk_prompt_logprobs=request.topk_prompt_logprobs, topk_sample_logprobs=request.topk_sample_logprobs,
+        target_prompt_tokens=targets,
     )
+
+
+def _target_prompt_tokens(tensor: TensorData | None, prompt_length: int, info: BaseModelInfo) -> np.ndarray | None:
+    """target_prompt_logprobs of a request: int64 [len(prompt) - 1, K], -1 (or a cell a sparse tensor
+    leaves out) meaning "nothing asked here"."""
+    if tensor is None:
+        return None
+    if tensor.dtype != "int64":
+        raise InputError(f"target_prompt_logprobs must be int64 token ids, not {tensor.dtype}")
+    if tensor.shape is None or len(tensor.shape) != 2 or tensor.shape[0] != prompt_length - 1:
+        raise InputError(f"target_prompt_logprobs must have shape [len(prompt) - 1, K] = [{prompt_length - 1}, K], "
+                         f"not {tensor.shape}")
+    try:
+        array = tensor.to_numpy(pad_value=-1)
+    except (ValueError, IndexError) as exc:
+        raise InputError(f"target_prompt_logprobs is not a valid tensor: {exc}") from None
+    bad = array[(array < -1) | (array >= info.vocab_size)]
+    if bad.size:
+        raise InputError(f"target_prompt_logprobs: token id {int(bad[0])} is outside the vocabulary of {info.name} "
+                         f"(0..{info.vocab_size - 1}; -1 marks an unused cell)")
+    return array
 
 
 def sample_response(result: SampleResult, request: SampleRequest) -> SampleResponse:
@@ -166,4 +194,19 @@ def sample_response(result: SampleResult, request: SampleRequest) -> SampleRespo
     topk_prompt = None
     if request.topk_prompt_logprobs and result.topk_prompt_token_ids is not None:
         topk_prompt = topk_rows(result.topk_prompt_token_ids, result.topk_prompt_logprobs)
-    return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs, topk_prompt_logprobs=topk_prompt)
+    target = None
+    if request.target_prompt_logprobs is not None and result.target_prompt_logprobs is not None:
+        target = _like(request.target_prompt_logprobs, result.target_prompt_logprobs)
+    return SampleResponse(sequences=sequences, prompt_logprobs=prompt_logprobs, topk_prompt_logprobs=topk_prompt,
+                          target_prompt_logprobs=target)
+
+
+def _like(layout: TensorData, values: np.ndarray) -> TensorData:
+    """float32 `values` in the layout of the request's tensor: sparse cells where it was sparse."""
+    if not layout.is_sparse:
+        return TensorData.from_numpy(values.astype(np.float32))
+    rows = np.repeat(np.arange(values.shape[0]), np.diff(np.asarray(layout.sparse_crow_indices, np.int64)))
+    cells = values[rows, np.asarray(layout.sparse_col_indices, np.int64)]
+    return TensorData(data=cells.astype(np.float32).tolist(), dtype="float32", shape=list(values.shape),
+                      sparse_crow_indices=list(layout.sparse_crow_indices),
+                      sparse_col_indices=list(layout.sparse_col_indices))

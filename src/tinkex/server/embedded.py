@@ -54,6 +54,7 @@ class EmbeddedServer:
             self.settings.base_models = list(base_models)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self.runtime = None  # the running server's Runtime (store, scheduler, engine), once started
 
     @property
     def base_url(self) -> str:
@@ -61,6 +62,7 @@ class EmbeddedServer:
 
     def start(self, timeout: float = 120.0) -> EmbeddedServer:
         app = create_app(self.settings)
+        self.runtime = app.state.runtime
         config = uvicorn.Config(app, host=self.settings.host, port=self.settings.port, log_level="warning",
                                 access_log=False)
         self._server = uvicorn.Server(config)

@@ -9,9 +9,11 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi import HTTPException
+from sqlalchemy import select
 
 from tinkex.engine.api import BUILTIN_MODEL, BaseModelInfo, EngineError, SampleJob
 from tinkex.types import CheckpointType, ParsedCheckpointTinkerPath
@@ -37,6 +39,8 @@ class ServerSettings:
     max_body_bytes: int = 256 * 1024 * 1024
     compress_forward_backward: bool = False  # ask SDKs to zstd their forward_backward bodies
     torch_threads: int | None = None  # None keeps torch's default (one per core)
+    session_timeout_seconds: float = 300.0  # a session without heartbeats this long expires (SDKs beat every 10 s)
+    max_resident_adapters: int | None = 64  # beyond it, idle adapters are parked on disk (None: no limit)
     fault_injection: bool = False  # test-only: POST /api/v1/_test/faults
 
 
@@ -68,7 +72,8 @@ class Runtime:
 
                 torch.set_num_threads(settings.torch_threads)
 
-            engine = Engine(settings.base_models)
+            engine = Engine(settings.base_models, max_resident_adapters=settings.max_resident_adapters,
+                            spill_dir=settings.data_dir / "adapter-spill")
         self.engine = engine
         self.futures = FutureTable(self.store)
         self.scheduler = Scheduler(engine, self.futures, self._prepare_sample)
@@ -97,6 +102,45 @@ class Runtime:
         if row.status != "active":
             raise HTTPException(status_code=410, detail=f"session {session_id!r} has finished ({row.status})")
         return row
+
+    def release_session(self, session_id: str, reason: str) -> None:
+        """Free the engine memory a session holds: the adapters of its training runs (their queued
+        requests fail with `reason`) and the weights behind its snapshot samplers. Callable from any
+        thread and more than once; the engine work itself runs on the engine thread. A finished
+        session calls it; so can the expiry of one whose heartbeats stopped."""
+        prefix = f"{session_id}:train:"  # the SDK builds model ids this way, so they name their session
+        self.scheduler.release_models([m for m in self.scheduler.model_ids() if m.startswith(prefix)], reason)
+        with self.store.session() as db:
+            paths = db.scalars(select(SamplingSessionRow.model_path).where(
+                SamplingSessionRow.session_id == session_id, SamplingSessionRow.model_path.like("snapshot:%"))).all()
+        snapshots = [_sampler_id(path[len("snapshot:"):]) for path in paths]
+        if not snapshots:
+            return
+
+        def drop_snapshots() -> None:  # on the engine thread
+            for adapter_id in snapshots:
+                with self._lock:
+                    self._sampler_dirs.pop(adapter_id, None)
+                if self.engine.has_adapter(adapter_id):
+                    self.engine.remove_adapter(adapter_id)
+
+        self.scheduler.call_soon(drop_snapshots)
+
+    def expire_sessions(self) -> list[str]:
+        """Expire the active sessions whose heartbeats stopped, freeing their memory (their checkpoints stay)."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.session_timeout_seconds)
+        with self.store.session() as db:
+            stale = db.scalars(select(SessionRow).where(SessionRow.status == "active",
+                                                        SessionRow.last_heartbeat < cutoff)).all()
+            for row in stale:
+                row.status, row.finish_detail = "expired", "no heartbeat"
+            expired = [row.id for row in stale]
+        for session_id in expired:
+            self.release_session(session_id, f"session {session_id} expired: no heartbeat for "
+                                              f"{self.settings.session_timeout_seconds:g} s")
+        if expired:
+            log.info("expired %d sessions without heartbeats", len(expired))
+        return expired
 
     # ---- models ---------------------------------------------------------------------------------
 
@@ -187,7 +231,7 @@ class Runtime:
         return self.register_sampler_weights(checkpoint.directory)
 
     def register_sampler_weights(self, directory: str | Path) -> str:
-        adapter_id = f"sampler:{directory}"
+        adapter_id = _sampler_id(directory)
         with self._lock:
             self._sampler_dirs[adapter_id] = Path(directory)
         return adapter_id
@@ -197,3 +241,8 @@ class Runtime:
         adapter = job.adapter_id
         if adapter is not None and adapter in self._sampler_dirs and not self.engine.has_adapter(adapter):
             self.engine.load_sampler_weights(adapter, self._sampler_dirs[adapter])
+
+
+def _sampler_id(directory: str | Path) -> str:
+    """The engine adapter that holds the sampler weights saved in this directory."""
+    return f"sampler:{directory}"

@@ -4,6 +4,13 @@ Requests of one model run strictly in seq_id order; one that arrives early (the 
 parallel forward_backward is sent last) waits until the gap is filled. Each turn of the worker takes,
 from every model with ready work, either its leading run of forward_backward jobs or one other
 request; all the forward_backward jobs of that turn, from every tenant, go to the engine as one batch.
+
+Sampling is continuous: the engine keeps a running decode batch, and each turn ends with the sample
+requests that arrived joining it and one decode step of every row. So a long generation never holds
+up training for more than one token's time, and a new request never waits for a batch to finish.
+
+Work that must happen on the engine thread but belongs to no model queue (freeing the adapters of a
+finished session) goes through `call_soon`, run at the start of the next turn.
 """
 
 from __future__ import annotations
@@ -48,8 +55,10 @@ class Scheduler:
         self._futures = futures
         self._prepare_sample = prepare_sample  # loads a sampler adapter on the worker thread if needed
         self._models: dict[str, _ModelQueue] = {}
-        self._samples: deque[Work] = deque()
+        self._samples: deque[Work] = deque()  # arrived, not yet given to the engine
+        self._sampling: dict[int, Work] = {}  # id(SampleJob) -> its work, while the engine has it
         self._sample_seen: dict[tuple[str, int], str] = {}
+        self._calls: deque[Callable[[], None]] = deque()
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="tinkex-engine", daemon=True)
@@ -69,6 +78,10 @@ class Scheduler:
         with self._cond:
             self._models.setdefault(model_id, _ModelQueue(next_seq=0))
 
+    def model_ids(self) -> list[str]:
+        with self._cond:
+            return list(self._models)
+
     def has_model(self, model_id: str) -> bool:
         with self._cond:
             return model_id in self._models
@@ -76,6 +89,27 @@ class Scheduler:
     def close_model(self, model_id: str) -> None:
         with self._cond:
             self._models.pop(model_id, None)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run fn on the engine thread at the start of the next turn (engine calls belong there)."""
+        with self._cond:
+            self._calls.append(fn)
+            self._cond.notify()
+
+    def release_models(self, model_ids: list[str], reason: str) -> None:
+        """Free these models' adapters and queues on the engine thread; their queued requests fail with
+        `reason`. Sample requests decoding from them fail too. For session ends and expiries."""
+        def release() -> None:
+            for model_id in model_ids:
+                with self._cond:
+                    queue = self._models.pop(model_id, None)
+                for work in [*queue.waiting.values(), *queue.ready] if queue else []:
+                    if work.future is not None:
+                        self._futures.resolve(work.future, Outcome(error=reason, category="user"))
+                if self._engine.has_adapter(model_id):
+                    self._engine.remove_adapter(model_id)
+
+        self.call_soon(release)
 
     def next_seq(self, model_id: str) -> int:
         """The next seq_id nobody has claimed: for old clients that send none."""
@@ -122,12 +156,15 @@ class Scheduler:
 
     # ---- the worker ----------------------------------------------------------------------------
 
-    def _take_turn(self) -> tuple[list[Work], list[Work], list[Work]] | None:
+    def _take_turn(self, *, wait: bool):
         with self._cond:
-            while not self._stopped and not self._samples and not any(q.ready for q in self._models.values()):
+            while (wait and not self._stopped and not self._samples and not self._calls
+                   and not any(q.ready for q in self._models.values())):
                 self._cond.wait()
             if self._stopped:
                 return None
+            calls = list(self._calls)
+            self._calls.clear()
             batch: list[Work] = []
             others: list[Work] = []
             for queue in self._models.values():
@@ -140,31 +177,64 @@ class Scheduler:
                     batch.append(queue.ready.popleft())
             samples = list(self._samples)
             self._samples.clear()
-            return batch, others, samples
+            return calls, batch, others, samples
 
     def _loop(self) -> None:
-        while (turn := self._take_turn()) is not None:
-            batch, others, samples = turn
+        # Wait for work only when nothing is decoding; otherwise take what is ready and decode on.
+        while (turn := self._take_turn(wait=not self._engine.sampling)) is not None:
+            calls, batch, others, samples = turn
+            for fn in calls:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("engine-thread call failed")
             if batch:
                 self._run_batch([w.forward_backward for w in batch], batch)
             for work in others:
                 if work.future is not None:  # skipped seq_ids carry no future
                     self._resolve(work, work.run)
             if samples:
-                ready = []
-                for work in samples:
-                    try:
-                        self._prepare_sample(work.sample)
-                        ready.append(work)
-                    except Exception as exc:
-                        self._futures.resolve(work.future, _failure(exc))
-                if ready:
-                    self._run_batch([w.sample for w in ready], ready, sample=True)
+                self._admit_samples(samples)
+            if self._engine.sampling:
+                self._step_samples()
             self._futures.forget_old()
 
-    def _run_batch(self, jobs: list, works: list[Work], *, sample: bool = False) -> None:
+    def _admit_samples(self, samples: list[Work]) -> None:
+        jobs = []
+        for work in samples:
+            try:
+                self._prepare_sample(work.sample)
+            except Exception as exc:
+                self._futures.resolve(work.future, _failure(exc))
+                continue
+            self._sampling[id(work.sample)] = work
+            jobs.append(work.sample)
         try:
-            results = self._engine.sample(jobs) if sample else self._engine.forward_backward(jobs)
+            refused = self._engine.submit_samples(jobs)
+        except Exception as exc:
+            log.exception("sample admission failed")
+            refused = [(job, exc) for job in jobs]
+        for job, exc in refused:
+            self._futures.resolve(self._sampling.pop(id(job)).future, _failure(exc))
+
+    def _step_samples(self) -> None:
+        try:
+            done = self._engine.step_samples()
+        except Exception as exc:  # the engine contains its own faults; this is a last resort
+            log.exception("decode step failed")
+            done = [(work.sample, exc) for work in self._sampling.values()]
+        for job, result in done:
+            work = self._sampling.pop(id(job), None)
+            if work is None:
+                continue
+            if isinstance(result, Exception):
+                self._futures.resolve(work.future, _failure(result))
+            else:
+                self._resolve(work, lambda: work.finish(result))
+
+    def _run_batch(self, jobs: list, works: list[Work]) -> None:
+        try:
+            results = self._engine.forward_backward(jobs)
         except Exception as exc:
             log.exception("engine batch failed")
             for work in works:

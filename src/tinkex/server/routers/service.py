@@ -76,6 +76,7 @@ def finish_session(session_id: str, body: SessionFinishRequest, runtime: Runtime
     if runtime.store.owned(SessionRow, session_id, tenant) is None:
         raise not_found(f"session {session_id!r}")
     runtime.store.update(SessionRow, session_id, status=body.reason.type, finish_detail=body.detail)
+    runtime.release_session(session_id, f"session {session_id} has finished ({body.reason.type})")
     return {}
 
 

@@ -1,0 +1,138 @@
+"""The KV cache of a batch of decode rows that started at different times.
+
+Rows are left-padded to a common cache width: each row has its own attention mask (zeros over its
+padding) and its own next position id, so a row's computation never depends on where it sits or
+how long the other rows are. That is what lets a new request join a running batch: its prompt is
+prefilled on its own, and its cache rows are padded on the left and concatenated to the running
+ones (`extend`); rows that finish are dropped (`select`), and padding that no row needs any more is
+cut off (`_trim`).
+
+Joining needs the cache's per-layer key/value tensors, which transformers' `DynamicCache` of
+ordinary (full-attention) layers exposes. For other cache kinds (sliding windows, quantized, ...)
+`mergeable` is False and the sampler simply lets new requests wait for the running batch to finish.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from . import lora
+from .models import BaseModel
+
+
+class RowCache:
+    def __init__(self, base: BaseModel):
+        self.base, self.device = base, base.device
+        self.cache = None
+        self.attention: torch.Tensor | None = None  # int64 [rows, width]: 1 where a row has a token
+        self.next_pos: torch.Tensor | None = None  # int64 [rows]: position id of each row's next token
+        # transformers >= 5.2x names the argument `cache`; earlier versions `past_key_values`.
+        parameters = inspect.signature(base.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.attention is None else self.attention.shape[0]
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether other rows can be added to this cache (see the module docstring)."""
+        return self.cache is None or _layers(self.cache) is not None
+
+    def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, owners: list[str | None],
+                head: tuple[torch.Tensor, list]) -> torch.Tensor:
+        """Left-padded prompts [rows, width] with their mask, into an empty cache; returns the logits
+        at the `head` positions (flat indices into [rows * width]) only."""
+        assert self.cache is None, "prefill starts a cache"
+        self.attention = attention
+        self.next_pos = attention.sum(-1)  # the first sampled token follows the prompt
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        return self._forward(input_ids, positions, owners, head)
+
+    def decode(self, tokens: torch.Tensor, owners: list[str | None]) -> torch.Tensor:
+        """One new token per row; next-token logits [rows, vocab]."""
+        self.attention = torch.cat([self.attention, self.attention.new_ones(len(tokens), 1)], dim=1)
+        logits = self._forward(tokens[:, None], self.next_pos[:, None], owners)[:, -1]
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def _forward(self, input_ids, position_ids, owners, head=None) -> torch.Tensor:
+        routing = self.base.routing
+        groups = lora.groups_from_owners(owners)  # row r belongs to adapter owners[r] (None: base)
+        head_index, head_groups = head if head is not None else (None, None)
+        routing.set(groups, head_index, head_groups)
+        kwargs = {self.cache_arg: self.cache} if self.cache is not None else {}
+        try:
+            out = self.base.model(input_ids=input_ids, attention_mask=self.attention, position_ids=position_ids,
+                                  use_cache=True, **kwargs)
+        finally:
+            routing.clear()
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else getattr(out, "past_key_values", None)
+        return out.logits
+
+    def select(self, rows: list[int]) -> None:
+        """Keep (or repeat) these rows, in this order."""
+        if not rows:
+            self.cache = self.attention = self.next_pos = None
+            return
+        if rows == list(range(self.rows)):
+            return
+        index = torch.tensor(rows, device=self.device)
+        self.cache.reorder_cache(index)
+        self.attention = self.attention.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+        self._trim()
+
+    def extend(self, other: RowCache) -> None:
+        """Append the rows of `other` (a freshly prefilled cache) after this cache's rows."""
+        if other.cache is None:
+            return
+        if self.cache is None:
+            self.cache, self.attention, self.next_pos = other.cache, other.attention, other.next_pos
+            return
+        mine, theirs = _layers(self.cache), _layers(other.cache)
+        assert mine is not None and theirs is not None and len(mine) == len(theirs), "caches cannot be joined"
+        width = max(self.attention.shape[1], other.attention.shape[1])
+        for a, b in zip(mine, theirs):
+            a.keys = torch.cat([_pad_left(a.keys, width, dim=2), _pad_left(b.keys, width, dim=2)])
+            a.values = torch.cat([_pad_left(a.values, width, dim=2), _pad_left(b.values, width, dim=2)])
+        self.attention = torch.cat([_pad_left(self.attention, width, dim=1), _pad_left(other.attention, width, dim=1)])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+
+    def _trim(self) -> None:
+        """Cut the leading columns that are padding in every row (left by rows that finished)."""
+        layers = _layers(self.cache)
+        if layers is None:
+            return
+        used = self.attention.any(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first == 0:
+            return
+        for layer in layers:
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+        self.attention = self.attention[:, first:]
+
+
+def _layers(cache) -> list | None:
+    """The cache's layers if every one is a plain growing full-attention layer, else None."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+        return None
+    return list(layers)
+
+
+def _pad_left(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]  # F.pad lists dimensions from the last
+    return F.pad(tensor, pad)
