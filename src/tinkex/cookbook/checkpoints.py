@@ -8,10 +8,12 @@ resumed loop starts at that step.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
-from .sdk import resolved
+from .sdk import default_service_client, resolved, types_for
 
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 
@@ -62,3 +64,16 @@ def create_or_resume_training_client(service_client: Any, log_dir: str | Path, *
     if load_checkpoint_path:
         return resolved(service_client.create_training_client_from_state(load_checkpoint_path)), 0
     return resolved(service_client.create_lora_training_client(base_model=model_name, rank=rank, seed=seed)), 0
+
+
+def start_run(config: Any, service_client: Any = None) -> tuple[Any, ModuleType, Path, Any, int]:
+    """The start every loop shares: (service client, its types module, the log dir holding
+    config.json, the training client, the first step). `config` is a loop's config dataclass."""
+    service_client = service_client if service_client is not None else default_service_client()
+    log_dir = Path(config.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    training_client, start_step = create_or_resume_training_client(
+        service_client, log_dir, model_name=config.model_name, rank=config.lora_rank, seed=config.seed,
+        resume=config.resume, load_checkpoint_path=config.load_checkpoint_path)
+    return service_client, types_for(service_client), log_dir, training_client, start_step

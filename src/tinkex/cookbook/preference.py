@@ -19,19 +19,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 
-from .checkpoints import create_or_resume_training_client, save_checkpoint
+from .checkpoints import save_checkpoint, start_run
 from .data import Example, load_jsonl
 from .metrics_log import MetricsLogger
 from .renderers import Message, Renderer, TrainOnWhat, get_renderer, recommended_renderer
 from .schedules import lr_multiplier
-from .sdk import BUILTIN_MODEL, default_service_client, make_datum, resolved, to_numpy, types_for
+from .sdk import BUILTIN_MODEL, make_datum, resolved, to_numpy
 
 
 
@@ -137,15 +137,7 @@ def train(config: DPOConfig, train_pairs: Sequence[PreferencePair], test_pairs: 
     import torch  # the loss runs here, on the client (as forward_backward_custom requires)
     import torch.nn.functional as F
 
-    service_client = service_client if service_client is not None else default_service_client()
-    types = types_for(service_client)
-    log_dir = Path(config.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-
-    training_client, start_step = create_or_resume_training_client(
-        service_client, log_dir, model_name=config.model_name, rank=config.lora_rank, seed=config.seed,
-        resume=config.resume, load_checkpoint_path=config.load_checkpoint_path)
+    service_client, types, log_dir, training_client, start_step = start_run(config, service_client)
     renderer = get_renderer(config.renderer_name or recommended_renderer(config.model_name),
                             training_client.get_tokenizer())
 

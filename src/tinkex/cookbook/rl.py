@@ -20,23 +20,21 @@ the builders of each batch.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
 from rich.console import Console
 
-from .checkpoints import create_or_resume_training_client, save_checkpoint
+from .checkpoints import save_checkpoint, start_run
 from .metrics_log import MetricsLogger
 from .schedules import lr_multiplier
-from .sdk import BUILTIN_MODEL, default_service_client, make_datum, resolved, to_numpy, types_for
+from .sdk import BUILTIN_MODEL, make_datum, resolved, to_numpy
 
 
 # ---- environments ---------------------------------------------------------------------------
@@ -192,15 +190,7 @@ Evaluator = Callable[[Any], dict[str, float]]  # sampling client -> metrics
 
 def train(config: RLConfig, dataset: RLDataset, *, service_client: Any = None, evaluator: Evaluator | None = None,
           console: Console | None = None) -> RLResult:
-    service_client = service_client if service_client is not None else default_service_client()
-    types = types_for(service_client)
-    log_dir = Path(config.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-
-    training_client, start_step = create_or_resume_training_client(
-        service_client, log_dir, model_name=config.model_name, rank=config.lora_rank, seed=config.seed,
-        resume=config.resume, load_checkpoint_path=config.load_checkpoint_path)
+    service_client, types, log_dir, training_client, start_step = start_run(config, service_client)
     total_steps = len(dataset) if config.max_steps is None else min(len(dataset), config.max_steps)
     loss_config = ({"clip_low_threshold": config.clip_low_threshold, "clip_high_threshold": config.clip_high_threshold}
                    if config.loss_fn == "ppo" else None)

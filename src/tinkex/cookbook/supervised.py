@@ -11,22 +11,20 @@ Read it top to bottom; everything it does is in `train`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
 
-from .checkpoints import create_or_resume_training_client, save_checkpoint
+from .checkpoints import save_checkpoint, start_run
 from .data import SupervisedDataset, render_examples
 from .evaluation import held_out_nll
 from .metrics_log import MetricsLogger
 from .renderers import Message, get_renderer, recommended_renderer
 from .schedules import lr_multiplier
-from .sdk import BUILTIN_MODEL, default_service_client, make_datum, types_for
+from .sdk import BUILTIN_MODEL, make_datum
 
 
 
@@ -74,16 +72,8 @@ class SLResult:
 def train(config: SLConfig, train_conversations: Sequence[Sequence[Message]],
           test_conversations: Sequence[Sequence[Message]] = (), *, service_client: Any = None,
           console: Console | None = None) -> SLResult:
-    service_client = service_client if service_client is not None else default_service_client()
-    types = types_for(service_client)
-    log_dir = Path(config.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-
     # The model: a fresh LoRA adapter, or the last checkpoint of this run (weights + optimizer).
-    training_client, start_step = create_or_resume_training_client(
-        service_client, log_dir, model_name=config.model_name, rank=config.lora_rank, seed=config.seed,
-        resume=config.resume, load_checkpoint_path=config.load_checkpoint_path)
+    service_client, types, log_dir, training_client, start_step = start_run(config, service_client)
     renderer = get_renderer(config.renderer_name or recommended_renderer(config.model_name),
                             training_client.get_tokenizer())
 

@@ -16,7 +16,6 @@ from ._model_input import (
     Datum,
     DmelChunk,
     EncodedTextChunk,
-    ImageAssetPointerChunk,
     ImageChunk,
     ModelInput,
     PromptProvenanceSpan,
