@@ -204,6 +204,13 @@ class Runtime:
             raise not_found(f"checkpoint {tinker_path!r}")
         return row
 
+    def checkpoint_base_model(self, tinker_path: str, tenant: str) -> str:
+        """The base model a checkpoint the tenant may read was trained on."""
+        run = self.store.get(TrainingRunRow, self.checkpoint(tinker_path, tenant).training_run_id)
+        if run is None:
+            raise not_found(f"training run of {tinker_path!r}")
+        return run.base_model
+
     def owned_checkpoint(self, run_id: str, checkpoint_id: str, tenant: str) -> CheckpointRow:
         """A checkpoint addressed REST-style: run id plus "{segment}/{name}"."""
         row = self.store.owned(CheckpointRow, f"tinker://{run_id}/{checkpoint_id}", tenant)

@@ -20,7 +20,6 @@ from sqlalchemy import func, select
 from ..deps import RuntimeDep, TenantDep
 from ..runtime import Runtime, bad_request
 from ..store import MetricRow, SamplingSessionRow, SessionRow, TrainingRunRow, utcnow
-from .sampling import _checkpoint_base_model
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parent.parent / "static" / "dashboard"
@@ -191,7 +190,7 @@ class DetokenizeRequest(BaseModel):
 
 def _tokenizer(runtime: Runtime, tenant: str, base_model: str | None, model_path: str | None):
     if model_path is not None:
-        base_model = _checkpoint_base_model(runtime, model_path, tenant)
+        base_model = runtime.checkpoint_base_model(model_path, tenant)
     if base_model is None:
         raise bad_request("give base_model or model_path")
     info = runtime.model_info(base_model)

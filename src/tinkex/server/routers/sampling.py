@@ -16,19 +16,11 @@ from tinkex.types import (
 from .. import convert
 from ..deps import RuntimeDep, TenantDep
 from ..futures import Outcome
-from ..runtime import Runtime, bad_request, not_found
+from ..runtime import bad_request, not_found
 from ..scheduler import Work
-from ..store import SamplingSessionRow, SessionRow, TrainingRunRow
+from ..store import SamplingSessionRow, SessionRow
 
 router = APIRouter(prefix="/api/v1")
-
-
-def _checkpoint_base_model(runtime: Runtime, model_path: str, tenant: str) -> str:
-    checkpoint = runtime.checkpoint(model_path, tenant)
-    run = runtime.store.get(TrainingRunRow, checkpoint.training_run_id)
-    if run is None:
-        raise not_found(f"training run of {model_path!r}")
-    return run.base_model
 
 
 @router.post("/create_sampling_session")
@@ -40,7 +32,7 @@ def create_sampling_session(body: CreateSamplingSessionRequest, runtime: Runtime
     if existing is not None:  # a retried create
         return CreateSamplingSessionResponse(sampling_session_id=sampler_id)
     if body.model_path is not None:
-        base_model = _checkpoint_base_model(runtime, body.model_path, tenant)
+        base_model = runtime.checkpoint_base_model(body.model_path, tenant)
     elif body.base_model is not None:
         base_model = runtime.model_info(body.base_model).name
     else:
@@ -65,7 +57,7 @@ def asample(body: SampleRequest, runtime: RuntimeDep, tenant: TenantDep) -> Unty
         base_model, adapter = sampler.base_model, runtime.sampler_adapter(sampler)
     elif body.model_path is not None:  # legacy addressing of SDKs without sampling sessions
         key = None
-        base_model = _checkpoint_base_model(runtime, body.model_path, tenant)
+        base_model = runtime.checkpoint_base_model(body.model_path, tenant)
         adapter = runtime.register_sampler_weights(runtime.checkpoint(body.model_path, tenant).directory)
     elif body.base_model is not None:
         key, base_model, adapter = None, body.base_model, None
