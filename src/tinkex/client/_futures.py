@@ -162,37 +162,32 @@ def _fatal(error: APIStatusError) -> APIStatusError:
 QueueObserver = Callable[[str, str | None], None]
 
 
+def _timed(poll: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Times each poll into the `tinkex_future_duration_seconds` histogram, by request type and outcome."""
+
+    @functools.wraps(poll)
+    async def timed(holder: Holder, request_id: str, request_type: str, **options: Any) -> Any:
+        started = time.perf_counter() - (options.get("roundtrip_s") or 0.0)
+        outcome = "error"
+        try:
+            result = await poll(holder, request_id, request_type, **options)
+            outcome = "ok"
+            return result
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except RetryableException:
+            outcome = "expired"
+            raise
+        finally:
+            _metrics.REGISTRY.observe("tinkex_future_duration_seconds", time.perf_counter() - started,
+                                      request_type=request_type, outcome=outcome)
+
+    return timed
+
+
+@_timed
 async def poll_result(
-    holder: Holder,
-    request_id: str,
-    request_type: str,
-    *,
-    result_model: type[BaseModel] | None = None,
-    proto_decoder: Callable[[bytes], Any] | None = None,
-    roundtrip_s: float | None = None,
-    on_queue_state: QueueObserver | None = None,
-) -> Any:
-    """`_poll_result`, timed into the `tinkex_future_duration_seconds` histogram."""
-    started = time.perf_counter() - (roundtrip_s or 0.0)
-    outcome = "error"
-    try:
-        result = await _poll_result(holder, request_id, request_type, result_model=result_model,
-                                    proto_decoder=proto_decoder, roundtrip_s=roundtrip_s,
-                                    on_queue_state=on_queue_state)
-        outcome = "ok"
-        return result
-    except asyncio.CancelledError:
-        outcome = "cancelled"
-        raise
-    except RetryableException:
-        outcome = "expired"
-        raise
-    finally:
-        _metrics.REGISTRY.observe("tinkex_future_duration_seconds", time.perf_counter() - started,
-                                  request_type=request_type, outcome=outcome)
-
-
-async def _poll_result(
     holder: Holder,
     request_id: str,
     request_type: str,
