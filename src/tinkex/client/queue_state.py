@@ -64,25 +64,16 @@ class QueueStateChange:
 
 
 Hook = Callable[[QueueStateChange], None]
-_hooks_lock = threading.Lock()
-_hooks: tuple[Hook, ...] = ()
+_hooks = _telemetry.Listeners()
 
 
 def add_hook(hook: Hook) -> Callable[[], None]:
     """Call `hook(change)` on every queue-state change; returns a function that removes it."""
-    global _hooks
-    with _hooks_lock:
-        _hooks = (*_hooks, hook)
-    return lambda: remove_hook(hook)
+    return _hooks.add(hook)
 
 
 def remove_hook(hook: Hook) -> None:
-    global _hooks
-    with _hooks_lock:
-        hooks = list(_hooks)
-        if hook in hooks:
-            hooks.remove(hook)
-        _hooks = tuple(hooks)
+    _hooks.remove(hook)
 
 
 class QueueStateTracker:

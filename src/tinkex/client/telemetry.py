@@ -69,25 +69,44 @@ class Event:
 
 
 Handler = Callable[[Event], None]
-_lock = threading.Lock()
-_handlers: tuple[Handler, ...] = ()
+
+
+class Listeners:
+    """Callbacks added and removed from any thread; notifying iterates a snapshot and takes no lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: tuple[Callable[[Any], None], ...] = ()
+
+    def add(self, callback: Callable[[Any], None]) -> Callable[[], None]:
+        with self._lock:
+            self._callbacks = (*self._callbacks, callback)
+        return lambda: self.remove(callback)
+
+    def remove(self, callback: Callable[[Any], None]) -> None:
+        with self._lock:
+            remaining = list(self._callbacks)
+            if callback in remaining:
+                remaining.remove(callback)
+            self._callbacks = tuple(remaining)
+
+    def __iter__(self):
+        return iter(self._callbacks)
+
+    def __bool__(self) -> bool:
+        return bool(self._callbacks)
+
+
+_handlers = Listeners()
 
 
 def subscribe(handler: Handler) -> Callable[[], None]:
     """Call `handler(event)` for every event from now on; returns a function that unsubscribes."""
-    global _handlers
-    with _lock:
-        _handlers = (*_handlers, handler)
-    return lambda: unsubscribe(handler)
+    return _handlers.add(handler)
 
 
 def unsubscribe(handler: Handler) -> None:
-    global _handlers
-    with _lock:
-        remaining = list(_handlers)
-        if handler in remaining:
-            remaining.remove(handler)
-        _handlers = tuple(remaining)
+    _handlers.remove(handler)
 
 
 @contextlib.contextmanager
