@@ -44,6 +44,18 @@ def _parse_keys(api_keys: tuple[str, ...], keys_file: Path | None) -> dict[str, 
     return keys
 
 
+def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict:
+    if value is None:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object")
+    return parsed
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, help="Port to listen on (0 picks a free one).")
@@ -69,10 +81,31 @@ def _parse_keys(api_keys: tuple[str, ...], keys_file: Path | None) -> dict[str, 
                    "and brought back on use.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch [default: one per core]. 1 is steadier on a busy machine.")
+@click.option("--max-queued-requests", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Unfinished requests the server holds at once; beyond it, new ones get 429 with Retry-After "
+                   "(the SDKs back off and resubmit).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run the engine in this many worker processes (Ray actors with --ray-address), each holding "
+                   "the base models; adapters are spread over them. 0 keeps it in the server process.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Run the engine workers as Ray actors on this cluster: auto, HOST:PORT, ray://HOST:PORT, or "
+                   "local (start Ray here). Needs pip install 'tinkex[ray]'. See docs/deployment.md.")
+@click.option("--worker-gpus", type=click.FloatRange(min=0), default=None,
+              help="GPUs per engine worker [default: one each when there are GPUs]; 0 keeps them on CPU.")
+@click.option("--worker-models", multiple=True, metavar="MODEL[,MODEL...]",
+              callback=lambda _ctx, _param, value: [entry.split(",") for entry in value] or None,
+              help="One engine worker serving these base models (each also given with --model); repeat for "
+                   "more workers. Work for a base model goes to the workers that serve it. [default: every "
+                   "worker serves every model]")
+@click.option("--sampler-backend", type=click.Choice(["torch", "vllm"]), default="torch", show_default=True,
+              help="What samples: the built-in torch sampler, or vLLM on a GPU for the base models and saved "
+                   "sampler weights (pip install 'tinkex[vllm]'; see docs/deployment.md).")
+@click.option("--vllm-engine-args", "vllm_engine_args", default=None, metavar="JSON", callback=_json_object,
+              help='vLLM EngineArgs for --sampler-backend vllm, e.g. \'{"gpu_memory_utilization": 0.5}\'.')
 def serve(host: str, port: int, data_dir: Path | None, models: tuple[str, ...], api_keys: tuple[str, ...],
           keys_file: Path | None, database_url: str | None, compress_forward_backward: bool,
           long_poll_seconds: float, session_timeout: float, max_resident_adapters: int,
-          threads: int | None) -> None:
+          threads: int | None, max_queued_requests: int, **engine_workers) -> None:
     """Run the Tinker-compatible server. Without --api-key or --keys-file, one local key is made and printed."""
     import uvicorn
 
@@ -85,7 +118,9 @@ def serve(host: str, port: int, data_dir: Path | None, models: tuple[str, ...], 
     settings = ServerSettings(data_dir=data_dir, host=host, port=port or free_port(host), api_keys=keys,
                               database_url=database_url, compress_forward_backward=compress_forward_backward,
                               long_poll_seconds=long_poll_seconds, session_timeout_seconds=session_timeout,
-                              max_resident_adapters=max_resident_adapters, torch_threads=threads)
+                              max_resident_adapters=max_resident_adapters, torch_threads=threads,
+                              max_queued_requests=max_queued_requests,
+                              **engine_workers)  # engine placement and sampler options, named as in ServerSettings
     if models:
         settings.base_models = list(models)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=settings.port,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,13 +55,17 @@ class Adapter:
 class Engine:
     def __init__(self, base_models: Sequence[str] = (BUILTIN_MODEL,), *, device: str | None = None,
                  hf_home: Path | None = None, max_resident_adapters: int | None = None,
-                 spill_dir: Path | None = None):
+                 spill_dir: Path | None = None, sampler_backend: str = "torch",
+                 vllm_engine_args: Mapping[str, object] | None = None):
         """`base_models`: the names served -- BUILTIN_MODEL, a model in the local Hugging Face
         cache, or a local directory. Only their configs are read here; weights load on first use.
 
         `max_resident_adapters` (None: no limit) bounds the adapters kept in the fast memory; the
         least recently used others are parked in `spill_dir` (a directory this engine owns and
-        empties), or as CPU tensors without one."""
+        empties), or as CPU tensors without one.
+
+        `sampler_backend="vllm"` samples from the base models and sampler checkpoints with vLLM on a
+        GPU (vllm_sampler.py; `vllm_engine_args` go to its EngineArgs); "torch" is the built-in sampler."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache_dir = builtin.hub_cache_dir(hf_home)
         self._bases = {name: models.BaseModel(name, models.resolve(name, self.cache_dir), self.device)
@@ -74,6 +78,13 @@ class Engine:
         self._decoding: dict[str, sampler.DecodeBatch] = {}  # base model -> its running sample requests
         self._cancelled: list[tuple[SampleJob, EngineError]] = []  # requests whose adapter was removed
         self._counters = {"forward_backward_batches": 0, "multi_adapter_batches": 0, "parks": 0, "unparks": 0}
+        self._vllm = None  # the vLLM sampler backend, when chosen
+        if sampler_backend == "vllm":
+            from .vllm_sampler import VllmSampler
+
+            self._vllm = VllmSampler(self._base, vllm_engine_args)
+        elif sampler_backend != "torch":
+            raise EngineError(f"unknown sampler backend {sampler_backend!r} (torch or vllm)")
 
     # --- base models ------------------------------------------------------------------------
 
@@ -123,6 +134,8 @@ class Engine:
                 adapter.optimizer.zero_grad()
         self._resident.discard(adapter_id)
         del self._adapters[adapter_id]
+        if self._vllm is not None:
+            self._vllm.remove_adapter(adapter_id)
 
     def adapter_tensors(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The adapter's live LoRA tensors, {module path: (A [rank, in], B [out, rank])}, for
@@ -272,6 +285,12 @@ class Engine:
         self._check_new_id(adapter_id)
         ckpt = self._read_checkpoint(Path(directory), kind=None, with_optimizer=False)
         self._attach(adapter_id, self._bases[ckpt.base_model], ckpt.spec, ckpt.scale, ckpt.weights, trainable=False)
+        if self._vllm is not None:  # vLLM samples from it; the torch copy serves the checks and Engine.sample
+            try:
+                self._vllm.add_adapter(adapter_id, Path(directory), ckpt.base_model, ckpt.spec.rank)
+            except EngineError:
+                self.remove_adapter(adapter_id)
+                raise
         return ckpt.base_model
 
     def _read_checkpoint(self, directory: Path, *, kind: str | None, with_optimizer: bool) -> checkpoint.Checkpoint:
@@ -319,6 +338,9 @@ class Engine:
         """Queue requests for the running decode batch of their base model; they join it at the next
         step_samples(). Returns the requests refused at once, with the reason."""
         refused = []
+        if self._vllm is not None:  # vLLM takes what it serves; requests on live training adapters stay here
+            refused = self._vllm.submit_samples([job for job in jobs if self._vllm.serves(job)])
+            jobs = [job for job in jobs if not self._vllm.serves(job)]
         for job in jobs:
             try:
                 base, prepared = self._prepare_sample(0, job)
@@ -337,6 +359,8 @@ class Engine:
         token. Returns the requests that finished (or failed) since the last call."""
         done: list[tuple[SampleJob, SampleResult | Exception]] = list(self._cancelled)
         self._cancelled.clear()
+        if self._vllm is not None:
+            done += self._vllm.step_samples()
         for name, batch in list(self._decoding.items()):
             if batch.idle:
                 continue
@@ -350,7 +374,8 @@ class Engine:
     @property
     def sampling(self) -> bool:
         """Whether sample requests are queued or decoding (step_samples has work)."""
-        return bool(self._cancelled) or any(not batch.idle for batch in self._decoding.values())
+        return (bool(self._cancelled) or any(not batch.idle for batch in self._decoding.values())
+                or (self._vllm is not None and self._vllm.sampling))
 
     def _prepare_sample(self, index: int, job: SampleJob) -> tuple[models.BaseModel, sampler.PreparedSample]:
         base = self._base(job.base_model)

@@ -9,9 +9,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DataError
 
-from .runtime import Runtime, ServerSettings
 from .routers import dashboard, downloads, futures, metrics, openai, rest, sampling, service, training, uploads
+from .runtime import Runtime, ServerSettings
+from .scheduler import QueueFull
 
 
 def _describe(errors: list[dict]) -> str:
@@ -37,6 +39,7 @@ class FaultRule(BaseModel):
 
 def create_app(settings: ServerSettings, engine=None) -> FastAPI:
     runtime = Runtime(settings, engine)
+    runtime.scheduler.max_queued = settings.max_queued_requests
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -57,6 +60,21 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         # 400 rather than FastAPI's 422: the SDK treats both as final, and 400 is what peers document.
         return JSONResponse(status_code=400, content={"detail": _describe(exc.errors())})
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_request: Request, exc: DataError) -> JSONResponse:
+        # A value the database refuses, such as a NUL character in an id (PostgreSQL text cannot hold one):
+        # bad input, not a server fault.
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+        return JSONResponse(status_code=400, content={"detail": f"the request holds a value the store cannot "
+                                                                f"keep: {reason}"})
+
+    @app.exception_handler(QueueFull)
+    async def _busy(_request: Request, exc: QueueFull) -> JSONResponse:
+        # Backpressure both SDKs understand: they wait Retry-After (retry-after-ms is the Stainless SDKs'
+        # finer hint) and resubmit the same request; nothing of it was recorded.
+        return JSONResponse(status_code=429, content={"detail": str(exc)}, headers={
+            "Retry-After": str(max(1, round(exc.retry_after))), "retry-after-ms": str(int(exc.retry_after * 1000))})
 
     @app.middleware("http")
     async def _limits(request: Request, call_next):

@@ -41,6 +41,13 @@ class ServerSettings:
     torch_threads: int | None = None  # None keeps torch's default (one per core)
     session_timeout_seconds: float = 300.0  # a session without heartbeats this long expires (SDKs beat every 10 s)
     max_resident_adapters: int | None = 64  # beyond it, idle adapters are parked on disk (None: no limit)
+    workers: int = 0  # engine worker processes; 0: the engine runs in the server process (the fast default)
+    ray_address: str | None = None  # run the workers as Ray actors: "auto", "HOST:PORT", "ray://...", "local"
+    worker_gpus: float | None = None  # GPUs per worker; None: one each when there are GPUs, 0: CPU only
+    worker_models: list[list[str]] | None = None  # the base models of each worker (sets their number); None: all
+    max_queued_requests: int | None = 4096  # unfinished requests at once; beyond it, 429 (None: no limit)
+    sampler_backend: str = "torch"  # "vllm": sample with vLLM on a GPU (tinkex.engine.vllm_sampler)
+    vllm_engine_args: dict = field(default_factory=dict)  # vLLM EngineArgs, e.g. {"gpu_memory_utilization": 0.5}
     fault_injection: bool = False  # test-only: POST /api/v1/_test/faults
 
 
@@ -60,6 +67,7 @@ class Runtime:
     def __init__(self, settings: ServerSettings, engine=None):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.settings = settings
+        self._owned_pool = None  # engine workers this runtime started, stopped with it
         self.store = Store(settings.database_url or f"sqlite:///{settings.data_dir / 'tinkex.db'}")
         lost = self.store.mark_unfinished_lost()
         if lost:
@@ -72,8 +80,21 @@ class Runtime:
 
                 torch.set_num_threads(settings.torch_threads)
 
-            engine = Engine(settings.base_models, max_resident_adapters=settings.max_resident_adapters,
-                            spill_dir=settings.data_dir / "adapter-spill")
+            if settings.workers or settings.worker_models or settings.ray_address:  # worker processes or actors
+                if settings.sampler_backend != "torch":  # the pool does not pass it on to its workers (yet)
+                    raise ValueError("--sampler-backend vllm runs in the server process: it does not combine "
+                                     "with --workers or --ray-address")
+                from tinkex.engine.workers import start_pool
+
+                engine = self._owned_pool = start_pool(
+                    settings.base_models, settings.workers, ray_address=settings.ray_address,
+                    worker_gpus=settings.worker_gpus, worker_models=settings.worker_models,
+                    max_resident_adapters=settings.max_resident_adapters,
+                    spill_root=settings.data_dir / "adapter-spill", torch_threads=settings.torch_threads)
+            else:
+                engine = Engine(settings.base_models, max_resident_adapters=settings.max_resident_adapters,
+                                spill_dir=settings.data_dir / "adapter-spill", sampler_backend=settings.sampler_backend,
+                                vllm_engine_args=settings.vllm_engine_args)
         self.engine = engine
         self.futures = FutureTable(self.store)
         self.scheduler = Scheduler(engine, self.futures, self._prepare_sample)
@@ -89,6 +110,8 @@ class Runtime:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        if self._owned_pool is not None:
+            self._owned_pool.close()
 
     # ---- tenants -------------------------------------------------------------------------------
 

@@ -11,14 +11,21 @@ up training for more than one token's time, and a new request never waits for a 
 
 Work that must happen on the engine thread but belongs to no model queue (freeing the adapters of a
 finished session) goes through `call_soon`, run at the start of the next turn.
+
+Backpressure: the requests accepted and not yet finished (queued, waiting for a seq_id gap, or
+decoding) are bounded by `max_queued`. A submission over the bound is refused with `QueueFull`
+before anything is recorded, so the client resubmits the same request and seq_id later. One
+exception keeps the bound from deadlocking the seq_id order: the request that fills the gap a
+model's early arrivals wait for is always admitted (the queue cannot drain without it).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tinkex.engine.api import EngineError, ForwardBackwardJob, SampleJob
@@ -26,6 +33,9 @@ from tinkex.engine.api import EngineError, ForwardBackwardJob, SampleJob
 from .futures import Future, FutureTable, Outcome
 
 log = logging.getLogger("tinkex.server")
+DEFAULT_MAX_QUEUED = 4096
+RETRY_AFTER_SECONDS = 1.0  # what a refused client is told to wait; the queue drains in about that time
+_KEEP_SEEN = 10_000  # seq_ids remembered per model (and sample keys overall) to dedupe retries
 
 
 @dataclass
@@ -49,6 +59,15 @@ class SeqIdError(ValueError):
     """A seq_id that was already executed under a different request."""
 
 
+class QueueFull(Exception):
+    """The scheduler holds as many unfinished requests as it may; the client should retry later."""
+
+    def __init__(self, queued: int, limit: int):
+        super().__init__(f"the server is busy: {queued} requests are queued (the limit is {limit}); "
+                         f"retry in {RETRY_AFTER_SECONDS:g} s")
+        self.retry_after = RETRY_AFTER_SECONDS
+
+
 class Scheduler:
     def __init__(self, engine, futures: FutureTable, prepare_sample: Callable[[SampleJob], None]):
         self._engine = engine
@@ -57,8 +76,10 @@ class Scheduler:
         self._models: dict[str, _ModelQueue] = {}
         self._samples: deque[Work] = deque()  # arrived, not yet given to the engine
         self._sampling: dict[int, Work] = {}  # id(SampleJob) -> its work, while the engine has it
-        self._sample_seen: dict[tuple[str, int], str] = {}
+        self._sample_seen: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._calls: deque[Callable[[], None]] = deque()
+        self.max_queued = DEFAULT_MAX_QUEUED  # unfinished requests admitted at once (None: no bound)
+        self._claimed = 0  # rooms taken by requests between admission and submit
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="tinkex-engine", daemon=True)
@@ -123,6 +144,38 @@ class Scheduler:
             queue = self._models.get(model_id)
             return queue.seen.get(seq_id) if queue else None
 
+    def queued(self) -> int:
+        """Requests admitted and not finished: queued, waiting for a seq_id gap, or decoding."""
+        with self._cond:
+            return self._queued()
+
+    def _queued(self) -> int:
+        return (len(self._samples) + len(self._sampling) + self._claimed
+                + sum(len(q.waiting) + len(q.ready) for q in self._models.values()))
+
+    @contextmanager
+    def room(self, model_id: str | None = None, seq_id: int | None = None) -> Iterator[None]:
+        """Hold room for one request while it is recorded and submitted, or raise QueueFull.
+
+        Enter it before anything about the request is recorded (its future, its store rows); leave it
+        after submit() or submit_sample(). `model_id`/`seq_id` name a training request: the one its
+        model's queue is waiting for is admitted even over the bound.
+        """
+        with self._cond:
+            queued = self._queued()
+            if self.max_queued is not None and queued >= self.max_queued and not self._fills_gap(model_id, seq_id):
+                raise QueueFull(queued, self.max_queued)
+            self._claimed += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._claimed -= 1
+
+    def _fills_gap(self, model_id: str | None, seq_id: int | None) -> bool:
+        queue = self._models.get(model_id) if model_id is not None else None
+        return queue is not None and bool(queue.waiting) and seq_id == queue.next_seq
+
     def submit(self, model_id: str, seq_id: int, work: Work) -> None:
         with self._cond:
             queue = self._models[model_id]
@@ -130,6 +183,8 @@ class Scheduler:
                 raise SeqIdError(f"seq_id {seq_id} of model {model_id} was already used")
             if work.future is not None:
                 queue.seen[seq_id] = work.future.request_id
+                if len(queue.seen) > _KEEP_SEEN:  # retries come within minutes, not 10k requests later
+                    del queue.seen[next(iter(queue.seen))]  # the oldest
             queue.waiting[seq_id] = work
             while queue.next_seq in queue.waiting:
                 queue.ready.append(queue.waiting.pop(queue.next_seq))
@@ -151,6 +206,8 @@ class Scheduler:
         with self._cond:
             if key is not None:
                 self._sample_seen[key] = work.future.request_id
+                if len(self._sample_seen) > _KEEP_SEEN * 10:
+                    self._sample_seen.popitem(last=False)
             self._samples.append(work)
             self._cond.notify()
 

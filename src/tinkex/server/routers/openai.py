@@ -77,9 +77,10 @@ def _submit(runtime: Runtime, tenant: str, body: _Common, prompt: list[int], max
     except convert.InputError as exc:
         raise bad_request(str(exc)) from None
     job.on_tokens = on_tokens
-    future = runtime.futures.create(tenant, "Sample")
-    runtime.scheduler.submit_sample(None, Work(future=future, sample=job, finish=lambda result: Outcome(
-        result=convert.sample_response(result, request))))
+    with runtime.scheduler.room():  # full: 429 (with Retry-After) before anything is recorded
+        future = runtime.futures.create(tenant, "Sample")
+        runtime.scheduler.submit_sample(None, Work(future=future, sample=job, finish=lambda result: Outcome(
+            result=convert.sample_response(result, request))))
     return future
 
 

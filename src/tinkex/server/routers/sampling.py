@@ -68,9 +68,11 @@ def asample(body: SampleRequest, runtime: RuntimeDep, tenant: TenantDep) -> Unty
         job = convert.sample_job(body, info, adapter)
     except convert.InputError as exc:
         raise bad_request(str(exc)) from None
-    future = runtime.futures.create(tenant, "Sample")
-    work = Work(future=future, sample=job, finish=lambda result: Outcome(result=convert.sample_response(result, body)))
-    runtime.scheduler.submit_sample(key, work)
+    with runtime.scheduler.room():  # full: 429 before anything is recorded, and the SDK resubmits this seq_id
+        future = runtime.futures.create(tenant, "Sample")
+        work = Work(future=future, sample=job,
+                    finish=lambda result: Outcome(result=convert.sample_response(result, body)))
+        runtime.scheduler.submit_sample(key, work)
     ids_key = key or (uuid.uuid4().hex, 0)
     return UntypedAPIFuture(request_id=future.request_id, sample_sequence_ids=_sequence_ids(ids_key, body.num_samples))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -49,8 +50,11 @@ MAX_RANK = 256
 
 
 def enqueue(runtime: Runtime, tenant: str, model_id: str, seq_id: int | None, request_type: str,
-            build: Callable[[], Work | Callable[[], Outcome]]) -> UntypedAPIFuture:
-    """Dedupe by (model_id, seq_id), build the work (which checks the input), and queue it in order."""
+            build: Callable[[], Work | Callable[[], Outcome]], *, bounded: bool = True) -> UntypedAPIFuture:
+    """Dedupe by (model_id, seq_id), build the work (which checks the input), and queue it in order.
+
+    When the scheduler is full (and `bounded`) this raises QueueFull, a 429, before the future is
+    recorded or the seq_id used, so the client's resubmission of the same seq_id is accepted later."""
     if seq_id is not None and runtime.owns_model(model_id, tenant) and \
             (existing := runtime.scheduler.existing(model_id, seq_id)) is not None:
         return UntypedAPIFuture(request_id=existing, model_id=model_id)
@@ -63,14 +67,15 @@ def enqueue(runtime: Runtime, tenant: str, model_id: str, seq_id: int | None, re
         raise
     if seq_id is None:
         seq_id = runtime.scheduler.next_seq(model_id)
-    future = runtime.futures.create(tenant, request_type, model_id, seq_id)
-    work = built if isinstance(built, Work) else Work(future=future, run=built)
-    work.future = future
-    try:
-        runtime.scheduler.submit(model_id, seq_id, work)
-    except SeqIdError as exc:
-        runtime.futures.resolve(future, Outcome(error=str(exc), category="user"))
-        raise bad_request(str(exc)) from None
+    with runtime.scheduler.room(model_id, seq_id) if bounded else nullcontext():
+        future = runtime.futures.create(tenant, request_type, model_id, seq_id)
+        work = built if isinstance(built, Work) else Work(future=future, run=built)
+        work.future = future
+        try:
+            runtime.scheduler.submit(model_id, seq_id, work)
+        except SeqIdError as exc:
+            runtime.futures.resolve(future, Outcome(error=str(exc), category="user"))
+            raise bad_request(str(exc)) from None
     runtime.touch_run(model_id)
     return UntypedAPIFuture(request_id=future.request_id, model_id=model_id)
 
@@ -106,7 +111,9 @@ def create_model(body: CreateModelRequest, runtime: RuntimeDep, tenant: TenantDe
         runtime.engine.create_adapter(model_id, info.name, spec)
         return Outcome(result=CreateModelResponse(model_id=model_id))
 
-    return enqueue(runtime, tenant, model_id, 0, "CreateModel", lambda: run)
+    # Creation is admitted over the queue bound: each training client creates once, and the official SDK
+    # retries a refused create only ~10 times (a busy queue would fail it) where it retries steps for minutes.
+    return enqueue(runtime, tenant, model_id, 0, "CreateModel", lambda: run, bounded=False)
 
 
 @router.post("/get_info")
@@ -309,7 +316,7 @@ def _create_from_checkpoint(body: LoadWeightsRequest, runtime: Runtime, tenant: 
         runtime.engine.load_state(model_id, Path(checkpoint.directory), optimizer=body.optimizer)
         return Outcome(result=LoadWeightsResponse(path=body.path, model_id=model_id))
 
-    return enqueue(runtime, tenant, model_id, 0, "LoadWeights", lambda: run)
+    return enqueue(runtime, tenant, model_id, 0, "LoadWeights", lambda: run, bounded=False)  # as create_model
 
 
 @router.post("/unload_model")
