@@ -121,6 +121,8 @@ def test_a_full_queue_answers_429_and_records_nothing(tmp_path, hf_home):
         early = [api.post("/forward_backward", content=fb_body(blocked, seq, one), headers=PROTO).json()
                  for seq in (3, 4)]
         recorded = _recorded_requests(tmp_path / "data")
+        gauges = httpx.get(proc.base_url + "/metrics", params={"format": "json"}).json()["gauges"]
+        assert gauges["tinkex_server_engine_queue_depth"] == 2  # the two early ones, waiting for their gap
         refused = [api.post("/asample", json=_sample_body(sampler, 0, [1, 2, 3])),
                    api.post("/forward_backward", content=fb_body(other, 1, one), headers=PROTO),
                    api.post("/forward_backward", content=fb_body(blocked, 5, one), headers=PROTO),

@@ -39,7 +39,7 @@ def install(app: FastAPI, runtime: Runtime) -> MetricsRegistry:
         ("tinkex_server_request_duration_seconds", "histogram", "Time to answer a request (body included)."),
         ("tinkex_server_requests_in_flight", "gauge", "Requests being answered now."),
         ("tinkex_server_futures_pending", "gauge", "Accepted requests whose result is not ready yet."),
-        ("tinkex_server_engine_queue_depth", "gauge", "Work items queued for the engine."),
+        ("tinkex_server_engine_queue_depth", "gauge", "Requests admitted and unfinished (queued, waiting for a seq_id, decoding); bounded by --max-queued-requests."),
         ("tinkex_server_models_loaded", "gauge", "Training models loaded in this process."),
         ("tinkex_server_sessions_active", "gauge", "Sessions that are open."),
         ("tinkex_server_training_runs", "gauge", "Training runs in the store."),
@@ -100,8 +100,7 @@ def _collect(registry: MetricsRegistry, runtime: Runtime, started: float) -> Non
     registry.set_gauge("tinkex_server_uptime_seconds", time.monotonic() - started)
     _try(registry, "tinkex_server_futures_pending",
          lambda: sum(1 for f in list(runtime.futures._futures.values()) if f.outcome is None))
-    _try(registry, "tinkex_server_engine_queue_depth", lambda: len(runtime.scheduler._samples) + sum(
-        len(q.waiting) + len(q.ready) for q in list(runtime.scheduler._models.values())))
+    _try(registry, "tinkex_server_engine_queue_depth", runtime.scheduler.queued)
     _try(registry, "tinkex_server_models_loaded", lambda: len(runtime.scheduler._models))
     _try(registry, "tinkex_server_sessions_active", lambda: runtime.store.count(SessionRow, status="active"))
     _try(registry, "tinkex_server_training_runs", lambda: runtime.store.count(TrainingRunRow))
