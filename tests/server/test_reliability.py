@@ -62,6 +62,9 @@ def test_a_corrupt_checkpoint_fails_clearly_and_names_itself(tmp_path, hf_home):
         assert answer.status_code == 200
         failure = answer.json()
         assert failure["category"] == "user" and "to-corrupt" in failure["error"]
+        # the run that failed to load is not listed; the one the checkpoint came from is
+        runs = [run["training_run_id"] for run in api.http.get("/training_runs").json()["training_runs"]]
+        assert load["model_id"] not in runs and model_id in runs
         # the server is unharmed
         assert api.model(api.session())
     finally:

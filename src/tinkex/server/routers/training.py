@@ -313,7 +313,11 @@ def _create_from_checkpoint(body: LoadWeightsRequest, runtime: Runtime, tenant: 
     runtime.open_model(model_id, tenant)
 
     def run() -> Outcome:
-        runtime.engine.load_state(model_id, Path(checkpoint.directory), optimizer=body.optimizer)
+        try:
+            runtime.engine.load_state(model_id, Path(checkpoint.directory), optimizer=body.optimizer)
+        except Exception:  # no model came of it: do not list a run that never existed
+            runtime.store.delete(TrainingRunRow, model_id)
+            raise
         return Outcome(result=LoadWeightsResponse(path=body.path, model_id=model_id))
 
     return enqueue(runtime, tenant, model_id, 0, "LoadWeights", lambda: run, bounded=False)  # as create_model
