@@ -71,6 +71,56 @@ def test_a_corrupt_checkpoint_fails_clearly_and_names_itself(tmp_path, hf_home):
         proc.stop()
 
 
+def test_deleting_a_checkpoint_frees_its_sampler_weights(tmp_path, hf_home):
+    from tinkex.server import EmbeddedServer
+
+    with EmbeddedServer(data_dir=tmp_path / "data", api_keys={ALICE: "alice"}) as server:
+        api = Api(server.base_url)
+        session_id = api.session()
+        model_id = api.model(session_id)
+        saved = api.post("/save_weights_for_sampler", json={"model_id": model_id, "path": "gone", "seq_id": 1}).json()
+        path = api.result(saved["request_id"]).json()["path"]
+        sampler = api.post("/create_sampling_session", json={"session_id": session_id, "sampling_session_seq_id": 0,
+                                                             "model_path": path}).json()["sampling_session_id"]
+        sampled = api.post("/asample", json=_sample_body(sampler, 0, [1, 2, 3])).json()
+        assert len(api.result(sampled["request_id"]).json()["sequences"][0]["tokens"]) == 3
+        loaded = [a for a in server.runtime.engine.adapter_ids() if a.startswith("sampler:")]
+        assert len(loaded) == 1 and loaded[0].endswith("gone")
+        assert api.http.delete(f"/training_runs/{model_id}/checkpoints/sampler_weights/gone").status_code == 200
+        deadline = time.monotonic() + 10
+        while loaded[0] in server.runtime.engine.adapter_ids():
+            assert time.monotonic() < deadline, "the deleted checkpoint's sampler weights stayed loaded"
+            time.sleep(0.05)
+        assert api.post("/asample", json=_sample_body(sampler, 1, [1, 2, 3])).status_code == 404
+        assert model_id in server.runtime.engine.adapter_ids()  # the training adapter is untouched
+
+
+def test_checkpoints_whose_ttl_ran_out_are_deleted(tmp_path, hf_home):
+    from datetime import timedelta
+
+    from tinkex.server import EmbeddedServer
+    from tinkex.server.store import CheckpointRow, utcnow
+
+    with EmbeddedServer(data_dir=tmp_path / "data", api_keys={ALICE: "alice"}, session_timeout_seconds=2.0) as server:
+        api = Api(server.base_url)
+        model_id = api.model(api.session())
+        paths = {}
+        for seq_id, (name, ttl) in enumerate([("short", 3600), ("forever", None)], start=1):
+            saved = api.post("/save_weights", json={"model_id": model_id, "path": name, "seq_id": seq_id,
+                                                    "ttl_seconds": ttl}).json()
+            paths[name] = api.result(saved["request_id"]).json()["path"]
+        row = server.runtime.store.get(CheckpointRow, paths["short"])
+        assert row.expires_at is not None and server.runtime.store.get(CheckpointRow, paths["forever"]).expires_at is None
+        server.runtime.store.update(CheckpointRow, paths["short"], expires_at=utcnow() - timedelta(seconds=1))
+        deadline = time.monotonic() + 10
+        while server.runtime.store.get(CheckpointRow, paths["short"]) is not None:  # the sweeper runs every 0.5 s
+            assert time.monotonic() < deadline, "the expired checkpoint was never deleted"
+            time.sleep(0.1)
+        assert not Path(row.directory).exists()
+        listed = [c["checkpoint_id"] for c in api.http.get(f"/training_runs/{model_id}/checkpoints").json()["checkpoints"]]
+        assert listed == ["weights/forever"]
+
+
 def test_sessions_without_heartbeats_expire_and_free_their_adapters(tmp_path, hf_home):
     from tinkex.server import EmbeddedServer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -15,6 +16,8 @@ from .routers import dashboard, downloads, futures, metrics, openai, rest, sampl
 from .runtime import Runtime, ServerSettings
 from .scheduler import QueueFull
 
+log = logging.getLogger("tinkex.server")
+
 
 def _describe(errors: list[dict]) -> str:
     parts = []
@@ -24,11 +27,16 @@ def _describe(errors: list[dict]) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-async def _expire_sessions(runtime: Runtime) -> None:
+async def _sweep(runtime: Runtime) -> None:
+    """Expire sessions whose heartbeats stopped and checkpoints whose TTL ran out."""
     period = min(30.0, max(0.5, runtime.settings.session_timeout_seconds / 4))
     while True:
         await asyncio.sleep(period)
-        await asyncio.to_thread(runtime.expire_sessions)
+        for expire in (runtime.expire_sessions, runtime.expire_checkpoints):
+            try:
+                await asyncio.to_thread(expire)
+            except Exception:  # a store hiccup must not end the sweeping for good
+                log.exception("%s failed", expire.__name__)
 
 
 class FaultRule(BaseModel):
@@ -45,7 +53,7 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
     async def lifespan(_app: FastAPI):
         runtime.futures.bind_loop(asyncio.get_running_loop())
         runtime.start()
-        sweeper = asyncio.create_task(_expire_sessions(runtime))
+        sweeper = asyncio.create_task(_sweep(runtime))
         yield
         sweeper.cancel()
         runtime.stop()

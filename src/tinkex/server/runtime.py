@@ -165,6 +165,18 @@ class Runtime:
             log.info("expired %d sessions without heartbeats", len(expired))
         return expired
 
+    def expire_checkpoints(self) -> list[str]:
+        """Delete the checkpoints whose TTL (ttl_seconds at save, or PUT .../ttl) has run out."""
+        with self.store.session() as db:
+            expired = db.scalars(select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None),
+                                                             CheckpointRow.expires_at < utcnow())).all()
+            db.expunge_all()
+        for row in expired:
+            self.delete_checkpoint(row)
+        if expired:
+            log.info("deleted %d checkpoints whose TTL ran out", len(expired))
+        return [row.tinker_path for row in expired]
+
     # ---- models ---------------------------------------------------------------------------------
 
     def model_info(self, base_model: str) -> BaseModelInfo:
@@ -242,7 +254,18 @@ class Runtime:
         return row
 
     def delete_checkpoint(self, row: CheckpointRow) -> None:
+        """Forget the checkpoint and its files, and free its sampler weights if they were loaded
+        (requests still decoding from them fail; later ones get 404)."""
         self.store.delete(CheckpointRow, row.tinker_path)
+        adapter_id = _sampler_id(row.directory)
+        with self._lock:
+            loaded = self._sampler_dirs.pop(adapter_id, None) is not None
+        if loaded:
+            def free() -> None:  # on the engine thread
+                if self.engine.has_adapter(adapter_id):
+                    self.engine.remove_adapter(adapter_id)
+
+            self.scheduler.call_soon(free)
         shutil.rmtree(row.directory, ignore_errors=True)
 
     # ---- sampling -------------------------------------------------------------------------------
