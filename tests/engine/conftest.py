@@ -23,7 +23,7 @@ def one_torch_thread():
     """The engine tests run torch on one thread, restored afterwards. On a small shared machine the
     OpenMP workers of two busy processes spin against each other and make the tiny model's ops up
     to 100x slower; one thread is as fast as two on an idle 2-core machine and immune to that.
-    (The engine itself never changes the thread count: that is the server's call.)"""
+    (The engine itself only drops to one thread, and back, around decode steps too small to share.)"""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -25,6 +25,17 @@ def adapters(engine):
         engine.remove_adapter(aid)
 
 
+@pytest.fixture(params=["dense", "rows"])
+def cache_kind(request, monkeypatch):
+    """Run a test with both caches: the lean decoder's DenseCache (what the built-in model gets) and
+    the Hugging Face forward's RowCache (what models without a lean decoder get)."""
+    if request.param == "rows":
+        from tinkex.engine import decode
+
+        monkeypatch.setattr(decode, "for_model", lambda base: None)
+    return request.param
+
+
 def _one(engine, **kwargs):
     job = SampleJob(**{"base_model": M, "adapter_id": None, "prompt": PROMPT, **kwargs})
     (result,) = engine.sample([job])
@@ -32,7 +43,7 @@ def _one(engine, **kwargs):
     return result
 
 
-def test_greedy_is_the_argmax_of_the_full_forward(engine, adapters):
+def test_greedy_is_the_argmax_of_the_full_forward(engine, adapters, cache_kind):
     """Token by token through the KV cache, greedy picks what a full forward ranks first, and the
     reported logprobs are the forward's (unmodified distribution)."""
     for aid in adapters:
@@ -75,7 +86,7 @@ def test_top_k_one_is_greedy_and_top_p_restricts(engine, adapters):
     np.testing.assert_array_equal(tiny_p.sequences[0].tokens, greedy.sequences[0].tokens)
 
 
-def test_jobs_batched_together_equal_each_alone(engine, adapters):
+def test_jobs_batched_together_equal_each_alone(engine, adapters, cache_kind):
     """Different prompt lengths (left padding), adapters and the bare base model in one call."""
     jobs = [
         SampleJob(M, adapters[0], PROMPT, num_samples=2, max_tokens=6, temperature=0.0, stop_token_ids=[]),
@@ -237,7 +248,7 @@ def _same(a, b):
             np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-5)
 
 
-def test_requests_join_a_running_batch_with_the_same_result(engine, adapters):
+def test_requests_join_a_running_batch_with_the_same_result(engine, adapters, cache_kind):
     """Continuous batching: requests submitted while others decode join them at the next step, and
     every request gets exactly what it gets alone (same seed: same tokens; greedy: the same)."""
     targets = np.full((6, 2), -1, np.int64)
@@ -294,8 +305,14 @@ def test_removing_an_adapter_fails_its_running_requests(engine, new_id):
     _same(done[id(other)], engine.sample([other])[0])
 
 
-def test_padding_left_by_finished_rows_is_cut_off(engine):
-    """A long prompt pads the short ones it runs beside; once it finishes, that padding goes."""
+def test_padding_left_by_finished_rows_is_cut_off(engine, cache_kind):
+    """A long prompt widens what the short ones beside it attend over; once it finishes, they
+    attend over their own tokens only."""
+    from tinkex.engine import kvcache
+
+    def width(cache) -> int:  # the columns a decode step attends over
+        return cache.max_length if isinstance(cache, kvcache.DenseCache) else cache.attention.shape[1]
+
     long = SampleJob(M, None, [3] * 30, max_tokens=2, seed=0, stop_token_ids=[])
     short = SampleJob(M, None, [4, 5, 6], max_tokens=8, seed=0, stop_token_ids=[])
     engine.submit_samples([long, short])
@@ -303,6 +320,6 @@ def test_padding_left_by_finished_rows_is_cut_off(engine):
     while engine.sampling:
         done.update((id(job), result) for job, result in engine.step_samples())
         if engine._decoding[M].rows:
-            widths.append(engine._decoding[M].cache.attention.shape[1])
+            widths.append(width(engine._decoding[M].cache))
     assert widths[0] == 31 and min(widths) <= 3 + 8  # the short row's own tokens only
     _same(done[id(short)], engine.sample([short])[0])

@@ -1,8 +1,16 @@
-"""The KV cache of a batch of decode rows that started at different times.
+"""The KV cache of a batch of decode rows that started at different times, in two kinds.
 
-Rows are left-padded to a common cache width: each row has its own attention mask (zeros over its
-padding) and its own next position id, so a row's computation never depends on where it sits or
-how long the other rows are. That is what lets a new request join a running batch: its prompt is
+`DenseCache` serves the architectures that have a lean decoder (decode.py): per layer, preallocated
+key/value buffers [rows, kv heads, length, head dim] whose capacity doubles when it runs out. Every
+row starts at column 0 (its first prompt token) and has its own length; a decode step writes each
+row's new key and value at that row's length and attends to the columns below it. Rows join by a
+copy into the rows after the running ones, and leave by one gather that closes the gaps: no padding,
+no concatenation per step. `new_cache` picks it where it can.
+
+`RowCache` is the general one, for any model the Hugging Face forward runs. Rows are left-padded
+to a common cache width: each row has its own attention mask (zeros over its padding) and its own
+next position id, so a row's computation never depends on where it sits or how long the other rows
+are. That is what lets a new request join a running batch: its prompt is
 prefilled on its own, and its cache rows are padded on the left and concatenated to the running
 ones (`extend`); rows that finish are dropped (`select`), and padding that no row needs any more is
 cut off (`_trim`).
@@ -19,8 +27,15 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from . import decode as lean
 from . import lora
 from .models import BaseModel
+
+
+def new_cache(base: BaseModel) -> DenseCache | RowCache:
+    """An empty cache for decoding rows of this base model: dense where a lean decoder exists."""
+    decoder = lean.for_model(base)
+    return DenseCache(base, decoder) if decoder is not None else RowCache(base)
 
 
 class RowCache:
@@ -136,3 +151,95 @@ def _pad_left(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
         return tensor
     pad = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]  # F.pad lists dimensions from the last
     return F.pad(tensor, pad)
+
+
+class DenseCache:
+    """Preallocated, left-aligned per-row caches decoded by a LeanDecoder (see the module docstring)."""
+
+    mergeable = True
+
+    def __init__(self, base: BaseModel, decoder: lean.LeanDecoder):
+        self.base, self.device, self.decoder = base, base.device, decoder
+        self.keys: torch.Tensor | None = None  # [layers, row capacity, kv heads, length capacity, head dim]
+        self.values: torch.Tensor | None = None
+        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # tokens cached per row
+        self.max_length = 0
+
+    @property
+    def rows(self) -> int:
+        return self.lengths.shape[0]
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[index], self.values[index]
+
+    def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, owners: list[str | None],
+                head: tuple[torch.Tensor, list]) -> torch.Tensor:
+        """As RowCache.prefill (the prompts go through the Hugging Face forward once); the prompts'
+        keys and values then move into this cache, each row shifted to start at column 0."""
+        assert self.rows == 0, "prefill starts a cache"
+        padded = RowCache(self.base)
+        logits = padded.prefill(input_ids, attention, owners, head)
+        layers = _layers(padded.cache)
+        assert layers is not None, "a lean-decoded model keeps a plain dynamic cache"
+        keys = torch.stack([layer.keys for layer in layers])  # [layers, rows, kv heads, width, head dim]
+        values = torch.stack([layer.values for layer in layers])
+        lengths = attention.sum(-1)
+        width = keys.shape[3]
+        # Left padding: row r's tokens sit in columns width - length .. width - 1.
+        source = (torch.arange(width, device=self.device)[None, :] + (width - lengths)[:, None]).clamp(max=width - 1)
+        index = source[None, :, None, :, None].expand_as(keys)
+        self.keys, self.values = keys.gather(3, index), values.gather(3, index)
+        self.lengths, self.max_length = lengths, int(lengths.max())
+        return logits
+
+    def decode(self, tokens: torch.Tensor, owners: list[str | None]) -> torch.Tensor:
+        """One new token per row; next-token logits [rows, vocab]."""
+        self._reserve(self.rows, self.max_length + 1)
+        logits = self.decoder.forward(tokens, self, owners)
+        self.lengths = self.lengths + 1
+        self.max_length += 1
+        return logits
+
+    def select(self, rows: list[int]) -> None:
+        """Keep (or repeat) these rows, in this order."""
+        if rows == list(range(self.rows)):
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.lengths = self.lengths.index_select(0, index)
+        if not rows:
+            self.keys = self.values = None  # nothing to keep: free the buffers
+            self.max_length = 0
+            return
+        width = self.max_length
+        self._reserve(len(rows), width)
+        self.keys[:, :len(rows), :, :width] = self.keys[:, index, :, :width]
+        self.values[:, :len(rows), :, :width] = self.values[:, index, :, :width]
+        self.max_length = int(self.lengths.max())
+
+    def extend(self, other: DenseCache) -> None:
+        """Append the rows of `other` (a freshly prefilled cache) after this cache's rows."""
+        if other.rows == 0:
+            return
+        if self.rows == 0:
+            self.keys, self.values = other.keys, other.values
+            self.lengths, self.max_length = other.lengths, other.max_length
+            return
+        start, stop, width = self.rows, self.rows + other.rows, other.max_length
+        self._reserve(stop, max(self.max_length, width))
+        self.keys[:, start:stop, :, :width] = other.keys[:, :other.rows, :, :width]
+        self.values[:, start:stop, :, :width] = other.values[:, :other.rows, :, :width]
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.max_length = max(self.max_length, width)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Make room for this many rows and columns, doubling what runs out (the contents stay)."""
+        layers, have_rows, kv_heads, have_length, head_dim = self.keys.shape
+        if rows <= have_rows and length <= have_length:
+            return
+        new_rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
+        new_length = have_length if length <= have_length else max(length, 2 * have_length)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            grown = old.new_zeros(layers, new_rows, kv_heads, new_length, head_dim)
+            grown[:, :have_rows, :, :have_length] = old
+            setattr(self, name, grown)

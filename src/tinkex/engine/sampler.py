@@ -8,40 +8,48 @@ A `DecodeBatch` holds the running rows of one base model, one row per (request, 
    prompts left-padded into one batch and run once. The lm_head keeps only the positions whose
    logits are needed: the last one of each prompt, plus those whose prompt logprobs (or target
    prompt logprobs) were asked for. Each prompt's cache row is then repeated num_samples times, so
-   the samples of a request share its prefill, and the new rows join the running ones
-   (kvcache.RowCache.extend).
+   the samples of a request share its prefill, and the new rows join the running ones (the
+   cache's `extend`; kvcache.py has the two kinds of cache).
 2. Decoding: every row draws its next token from its pending logits, rows that stop leave the batch
-   (and the cache) at once, and the others run one decode forward together.
+   (and the cache) at once, and the others run one decode forward together -- through the lean
+   decoder (decode.py) for Llama-style models, the Hugging Face forward for the others.
 
 Reported logprobs are those of the *unmodified* distribution (log_softmax of the raw logits, at
 temperature 1), so they match what forward_backward computes for the same tokens. Temperature,
 top-k and top-p shape only the distribution the token is drawn from.
 
-Each request draws from its own seeded generator, always over exactly its own live rows, and every
-row has its own attention mask and positions: the tokens of a request do not depend on which other
-requests share the batch, or on when it joined (up to the float rounding of differently padded
-batches, which is far below what changes a draw). The same seed gives the same tokens.
+All rows draw at once (draws.choose): temperature, top-k and top-p are per-row tensors, and each
+row's uniform is a counter-based hash of its request's seed, its sample index and its step, so no
+per-request generator is called. Every row also has its own attention mask and positions: the
+tokens of a request do not depend on which other requests share the batch, or on when it joined
+(up to the float rounding of differently sized batches, which is far below what changes a draw).
+The same seed gives the same tokens.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import lora
+from . import draws, lora
 from .api import EngineError, SampledSeq, SampleJob, SampleResult
-from .kvcache import RowCache
+from .kvcache import DenseCache, RowCache, new_cache
 from .models import BaseModel
 
 MAX_SAMPLES = 128
 MAX_ROWS_PER_BATCH = 256  # decode rows (sum of num_samples) running at once
 MAX_PREFILL_TOKENS = 1 << 16  # padded prompt tokens in one admission
+# A forward with fewer multiply-adds than this (tokens x weights, ~10 ms on one core) runs its ops
+# on one CPU thread: they are too small to gain from splitting, and waking a second thread for each
+# of them costs more than the op itself -- far more when the other cores are busy (the server's own
+# threads, say).
+SMALL_STEP = 1 << 28
 TOPK_SENTINEL = (0, -99999.0)  # Tinker's "no entry" cell of a top-k table
 
 
@@ -54,7 +62,7 @@ class PreparedSample:
     first_logit: int  # first prompt position whose logits the prefill keeps (the last one always)
     tail_tokens: int  # how many trailing tokens to decode when looking for stop strings
     targets: np.ndarray | None  # int64 [len(prompt) - 1, K], -1 = no request
-    generator: torch.Generator | None = None
+    keys: list[int] = field(default_factory=list)  # each sample's draw key (draws.row_key)
     # filled while running
     rows: list[list[int]] = field(default_factory=list)
     row_logprobs: list[list[float]] = field(default_factory=list)
@@ -121,8 +129,9 @@ def prepare(index: int, job: SampleJob, base: BaseModel) -> PreparedSample:
     # token lies within the last b tokens; two more absorb a leading space or a split character.
     tail = max((len(s.encode()) for s in job.stop_strings), default=0) + 2
     n = job.num_samples
+    seed = draws.new_seed(job.seed)
     return PreparedSample(index, job, stop_ids, first, first_logit, tail, targets,
-                          generator=_generator(job.seed, base.device),
+                          keys=[draws.row_key(seed, s) for s in range(n)],
                           rows=[[] for _ in range(n)], row_logprobs=[[] for _ in range(n)],
                           row_topk=[[] for _ in range(n)], stopped=[False] * n)
 
@@ -149,9 +158,11 @@ class DecodeBatch:
     def __init__(self, base: BaseModel):
         self.base = base
         self.pending: deque[PreparedSample] = deque()
-        self.cache = RowCache(base)
+        self.cache = new_cache(base)
         self.rows: list[tuple[PreparedSample, int]] = []  # (request, sample index), one per cache row
         self.logits: torch.Tensor | None = None  # [rows, vocab]: each row's next-token logits, not yet drawn from
+        self.params: RowParams | None = None  # the rows' draw parameters; None: to be rebuilt from self.rows
+        self.weights = sum(p.numel() for p in base.model.parameters())  # ~ multiply-adds per row and step
 
     @property
     def idle(self) -> bool:
@@ -170,9 +181,11 @@ class DecodeBatch:
         requests that finished, their `result` complete."""
         finished = self._admit()
         if self.rows:
-            finished += self._decode()
+            with self._threads_for(len(self.rows)):
+                finished += self._decode()
         return finished
 
+    @torch.inference_mode()  # the cache's tensors were made in inference mode
     def cancel(self, adapter_id: str) -> list[PreparedSample]:
         """Drop every request that samples from this adapter (it is being removed); returns them."""
         gone = [job for job in self.jobs() if job.owner == adapter_id]
@@ -199,12 +212,17 @@ class DecodeBatch:
         if not batch:
             return []
         batch.sort(key=lambda job: job.owner or "")  # rows of one adapter contiguous in the prefill
-        fresh = RowCache(self.base)
-        last_logits = _prefill(fresh, batch)
+        fresh = new_cache(self.base)
+        with self._threads_for(longest * len(batch)):
+            last_logits = _prefill(fresh, batch)
         new_rows = [(j, s) for j, job in enumerate(batch) if job.job.max_tokens > 0 for s in range(job.job.num_samples)]
         fresh.select([j for j, _ in new_rows])  # each prompt's cache row, once per sample
-        self.cache.extend(fresh)
+        if self.rows:
+            self.cache.extend(fresh)
+        else:  # an idle batch simply takes the new cache
+            self.cache = fresh
         self.rows += [(batch[j], s) for j, s in new_rows]
+        self.params = None
         if new_rows:
             index = torch.tensor([j for j, _ in new_rows], device=last_logits.device)
             new_logits = last_logits.index_select(0, index)
@@ -216,6 +234,10 @@ class DecodeBatch:
         for job in finished:
             _finish(job)
         return finished
+
+    def _threads_for(self, tokens: int):
+        """One CPU thread for a forward over this many tokens if it is small (see SMALL_STEP)."""
+        return _threads(1 if tokens * self.weights < SMALL_STEP else None)
 
     def _group_by_adapter(self) -> None:
         """Reorder rows so each adapter's are contiguous (one LoRA product per adapter and layer).
@@ -230,22 +252,26 @@ class DecodeBatch:
             return
         self.cache.select(rows)
         self.rows = [self.rows[r] for r in rows]
+        self.params = None
         self.logits = self.logits.index_select(0, torch.tensor(rows, device=self.logits.device)) if rows else None
 
     # --- decoding ----------------------------------------------------------------------------
 
     def _decode(self) -> list[PreparedSample]:
-        logits = self.logits
-        logprobs = logits.float().log_softmax(-1)  # the unmodified distribution, for reporting
-        tokens = torch.empty(len(self.rows), dtype=torch.long, device=logits.device)
-        for job, lo, hi in _runs([job for job, _ in self.rows]):
-            tokens[lo:hi] = _choose(logits[lo:hi].float(), job.job, job.generator)
+        logits = self.logits.float()
+        if self.params is None:
+            self.params = RowParams.of(self.rows, logits.shape[-1], logits.device)
+        params = self.params
+        tokens = draws.choose(logits, params.temperature, params.top_k, params.top_p, params.keys, params.steps)
+        params.steps += 1
+        # Reported logprobs are the unmodified distribution's: logit - logsumexp, at temperature 1.
+        normalizer = logits.logsumexp(-1)
         token_list = tokens.tolist()
-        token_lp = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        token_lp = (logits.gather(1, tokens[:, None]).squeeze(1) - normalizer).tolist()
         k_max = max(job.job.topk_sample_logprobs for job, _ in self.rows)
         if k_max:
-            top = logprobs.topk(k_max, dim=-1)
-            top_ids, top_values = top.indices.cpu().numpy(), top.values.cpu().numpy()
+            top = logits.topk(k_max, dim=-1)
+            top_ids, top_values = top.indices.cpu().numpy(), (top.values - normalizer[:, None]).cpu().numpy()
         survivors, finished = [], []
         for r, (job, s) in enumerate(self.rows):
             job.rows[s].append(token_list[r])
@@ -271,16 +297,44 @@ class DecodeBatch:
         return finished
 
 
-def _runs(items: list) -> Iterator[tuple[object, int, int]]:
-    """(item, start, stop) for each run of the same object."""
-    start = 0
-    for i in range(1, len(items) + 1):
-        if i == len(items) or items[i] is not items[start]:
-            yield items[start], start, i
-            start = i
+@dataclass
+class RowParams:
+    """Per-row draw parameters, as tensors along the batch's rows (see draws.choose)."""
+
+    temperature: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64, the vocabulary size = no limit
+    top_p: torch.Tensor  # float32
+    keys: torch.Tensor  # int32
+    steps: torch.Tensor  # int64: tokens the row has drawn so far
+
+    @classmethod
+    def of(cls, rows: list[tuple[PreparedSample, int]], vocab: int, device: torch.device) -> RowParams:
+        jobs = [job.job for job, _ in rows]
+        return cls(
+            temperature=torch.tensor([float(j.temperature) for j in jobs], dtype=torch.float32, device=device),
+            top_k=torch.tensor([j.top_k if 0 < j.top_k < vocab else vocab for j in jobs], device=device),
+            top_p=torch.tensor([float(j.top_p) for j in jobs], dtype=torch.float32, device=device),
+            keys=torch.tensor([job.keys[s] for job, s in rows], dtype=torch.int32, device=device),
+            steps=torch.tensor([len(job.rows[s]) for job, s in rows], dtype=torch.long, device=device),
+        )
 
 
-def _prefill(cache: RowCache, jobs: list[PreparedSample]) -> torch.Tensor:
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run torch on at most `count` CPU threads inside (None: as configured). On CPU the setting is
+    per calling thread, and it is restored on the way out."""
+    before = torch.get_num_threads()
+    if count is None or count >= before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _prefill(cache: DenseCache | RowCache, jobs: list[PreparedSample]) -> torch.Tensor:
     """Run all prompts, left-padded, through the model once. Fills each job's prompt results and
     returns the next-token logits of each prompt, [jobs, vocab]."""
     lengths = [len(job.job.prompt) for job in jobs]
@@ -307,28 +361,6 @@ def _prefill(cache: RowCache, jobs: list[PreparedSample]) -> torch.Tensor:
         job.result = _prompt_result(job, job_logits[:-1])
         last.append(job_logits[-1])
     return torch.stack(last)
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
-    seed = secrets.randbits(63) if seed is None else int(seed) % (1 << 63)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def _choose(logits: torch.Tensor, job: SampleJob, generator: torch.Generator) -> torch.Tensor:
-    """Draw one token per row from the temperature / top-k / top-p shaped distribution."""
-    if job.temperature == 0:
-        return logits.argmax(-1)
-    scores = logits / job.temperature
-    if 0 < job.top_k < scores.shape[-1]:
-        kth = scores.topk(job.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, -math.inf)
-    if job.top_p < 1:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(-1)
-        # Drop a token when the tokens before it already reach top_p; the first one always stays.
-        drop = (probs.cumsum(-1) - probs) >= job.top_p
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, -math.inf))
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
 
 
 def _stops(job: PreparedSample, s: int, token: int, base: BaseModel) -> bool:

@@ -1,0 +1,100 @@
+"""A lean one-token decode forward for Llama-style models (Llama, Mistral, Qwen2, Qwen3).
+
+The Hugging Face forward does a lot per call that one decode step does not need: mask building,
+cache bookkeeping, output dataclasses, keyword plumbing through every layer. Here a step calls the
+model's own submodules -- embeddings, norms, the (LoRA-wrapped) projections, the MLPs, the rotary
+embedding, the head -- in the order the model does, and writes each layer's new key and value
+straight into a preallocated cache (kvcache.DenseCache), attending with
+`F.scaled_dot_product_attention`. Same modules, same weights, same adapters: the logits agree with
+the Hugging Face forward to float rounding (tests/engine/test_decode.py).
+
+Models of other architectures, or with sliding-window layers, have no lean decoder (`for_model`
+returns None) and decode through the Hugging Face forward (kvcache.RowCache).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import lora
+from .models import BaseModel
+
+# Architectures whose decoder layer is: x + attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x)),
+# with rotary q/k (Qwen3 also RMS-normalises q and k per head), no other per-layer state.
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class LeanDecoder:
+    def __init__(self, base: BaseModel):
+        model = base.model
+        self.base = base
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.head = model.get_output_embeddings()
+        attn = self.layers[0].self_attn
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.qk_norm = hasattr(attn, "q_norm")
+
+    def forward(self, tokens: torch.Tensor, cache, owners: list[str | None]) -> torch.Tensor:
+        """One token per row [n] at each row's next position; writes their keys and values into
+        `cache` (a DenseCache with room for them) and returns the next-token logits [n, vocab]."""
+        n = tokens.shape[0]
+        positions = cache.lengths  # a row's next position is its length: rows start at position 0
+        width = cache.max_length + 1
+        rows = torch.arange(n, device=tokens.device)
+        # Column c of row r is attended to when it holds a token: c <= the new token's position.
+        mask = (torch.arange(width, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        routing = self.base.routing
+        routing.set(lora.groups_from_owners(owners))
+        try:
+            hidden = self.inner.embed_tokens(tokens)  # [n, hidden]
+            cos, sin = self.inner.rotary_emb(hidden[:, None], positions[:, None])  # [n, 1, head_dim]
+            for index, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                x = layer.input_layernorm(hidden)
+                q = attn.q_proj(x).view(n, self.heads, self.head_dim)
+                k = attn.k_proj(x).view(n, self.kv_heads, self.head_dim)
+                v = attn.v_proj(x).view(n, self.kv_heads, self.head_dim)
+                if self.qk_norm:
+                    q, k = attn.q_norm(q), attn.k_norm(k)
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+                keys, values = cache.layer(index)
+                keys[rows, :, positions] = k
+                values[rows, :, positions] = v
+                out = F.scaled_dot_product_attention(q[:, :, None], keys[:n, :, :width], values[:n, :, :width],
+                                                     attn_mask=mask, scale=self.scaling,
+                                                     enable_gqa=self.kv_heads != self.heads)
+                hidden = hidden + attn.o_proj(out.reshape(n, self.heads * self.head_dim))
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            return self.head(self.inner.norm(hidden))
+        finally:
+            routing.clear()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of [n, heads, head_dim] with cos/sin [n, 1, head_dim] (the HF formula)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def for_model(base: BaseModel) -> LeanDecoder | None:
+    """The lean decoder of this base model, or None where its architecture is not one it knows."""
+    model = base.model
+    if type(model).__name__ not in ARCHITECTURES:
+        return None
+    config = model.config
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ["full_attention"]):
+        return None
+    if type(model).__name__ == "MistralForCausalLM" and getattr(config, "sliding_window", None):
+        return None
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, name) for name in needed):
+        return None
+    return LeanDecoder(base)
