@@ -44,3 +44,40 @@ def test_a_store_made_before_migrations_is_adopted(tmp_path):
     store = Store(url)
     store.add(SessionRow(id="s", tenant="t", tags=[]))
     assert "alembic_version" in inspect(store.engine).get_table_names()
+
+
+def test_results_are_durable_before_anyone_sees_them(database_url):
+    """The recorder writes finished requests in batches off the engine thread, and publishes each
+    outcome only after its batch is committed; close() records what is still queued."""
+    from tinkex.server.futures import FutureTable, Outcome
+    from tinkex.server.store import MetricRow, RequestRow
+    from tinkex.types import ForwardBackwardOutput
+
+    store = Store(database_url)
+    table = FutureTable(store)
+    seen_while_writing = []
+    write = store.finish_requests
+
+    def spying_write(finished, metrics):  # the real write, noting what was already visible
+        seen_while_writing.extend(table._futures[entry["id"]].outcome for entry in finished)
+        write(finished, metrics)
+
+    store.finish_requests = spying_write
+    futures = [table.create("alice", "ForwardBackward", model_id="run", seq_id=i) for i in range(50)]
+    for i, future in enumerate(futures):
+        outcome = (Outcome(error="bad datum", category="user") if i == 7 else
+                   Outcome(result=ForwardBackwardOutput(loss_fn_output_type="logprobs", loss_fn_outputs=[],
+                                                        metrics={"loss:sum": float(i)})))
+        table.resolve(future, outcome)
+    table.close()
+    assert len(seen_while_writing) == 50 and all(outcome is None for outcome in seen_while_writing)
+    assert all(future.outcome is not None for future in futures)
+    with store.session() as session:
+        rows = {row.id: row for row in session.query(RequestRow)}
+        history = sorted(row.seq_id for row in session.query(MetricRow))
+    assert [rows[f.request_id].status for f in futures].count("done") == 49
+    assert rows[futures[7].request_id].status == "failed" and rows[futures[7].request_id].error == "bad datum"
+    assert history == [i for i in range(50) if i != 7]
+    again = FutureTable(Store(database_url))  # what a restarted server reads back
+    assert again.lookup(futures[3].request_id, "alice").outcome.result.metrics == {"loss:sum": 3.0}
+    again.close()

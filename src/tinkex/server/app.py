@@ -84,18 +84,7 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
         return JSONResponse(status_code=429, content={"detail": str(exc)}, headers={
             "Retry-After": str(max(1, round(exc.retry_after))), "retry-after-ms": str(int(exc.retry_after * 1000))})
 
-    @app.middleware("http")
-    async def _limits(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse(status_code=413, content={
-                "detail": f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}"})
-        rule = runtime.faults.get(request.url.path)
-        if rule is not None and rule[1] > 0:
-            rule[1] -= 1
-            return JSONResponse(status_code=rule[0], content={"detail": f"injected fault {rule[0]}"},
-                                headers={"retry-after-ms": "50"})
-        return await call_next(request)
+    app.add_middleware(_Limits, max_body_bytes=settings.max_body_bytes, faults=runtime.faults)
 
     if settings.fault_injection:
         @app.post("/api/v1/_test/faults", include_in_schema=False)
@@ -104,3 +93,33 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
             return {}
 
     return app
+
+
+class _Limits:
+    """Pure ASGI middleware (no per-request task or body buffering, unlike @app.middleware): bodies
+    over the size limit answer 413 before they are read, and test-injected faults answer as told."""
+
+    def __init__(self, app, max_body_bytes: int, faults: dict[str, list[int]]):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.faults = faults
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            answer = self._refusal(scope)
+            if answer is not None:
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        length = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return JSONResponse(status_code=413, content={
+                "detail": f"request body of {int(length)} bytes exceeds the limit of {self.max_body_bytes}"})
+        rule = self.faults.get(scope["path"])
+        if rule is not None and rule[1] > 0:
+            rule[1] -= 1
+            return JSONResponse(status_code=rule[0], content={"detail": f"injected fault {rule[0]}"},
+                                headers={"retry-after-ms": "50"})
+        return None

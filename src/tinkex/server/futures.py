@@ -1,20 +1,27 @@
 """Futures: every asynchronous request gets one; the worker resolves it and long-polls wake up.
 
-Results live in memory for fast polling and in the store so that they survive a restart.
+Results live in memory for fast polling and in the store so that they survive a restart. The engine
+thread does not wait for the store: `resolve` hands the outcome to a recorder thread, which writes
+whatever has piled up in one transaction and only then publishes each outcome, so a result is never
+seen by a client before it is durable, and the engine goes straight back to work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
 from tinkex.types import ForwardBackwardOutput, SampleResponse, WireModel
 
 from .store import MetricRow, RequestRow, Store
+
+log = logging.getLogger("tinkex.server")
 
 ResultKind = Literal["json", "forward_backward", "sample"]
 _KEEP_FINISHED_SECONDS = 600.0  # finished futures stay in memory this long; the store keeps them for good
@@ -56,31 +63,56 @@ class FutureTable:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_sweep = time.monotonic()
+        self._unrecorded: deque[tuple[Future, Outcome]] = deque()  # resolved, not yet in the store
+        self._recording = threading.Condition(self._lock)
+        self._closed = False
+        self._recorder = threading.Thread(target=self._record_loop, name="tinkex-recorder", daemon=True)
+        self._recorder.start()
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+
+    def close(self) -> None:
+        """Record what is still queued, then stop the recorder."""
+        with self._recording:
+            self._closed = True
+            self._recording.notify()
+        self._recorder.join(timeout=30)
 
     def create(self, tenant: str, request_type: str, model_id: str | None = None,
                seq_id: int | None = None) -> Future:
         future = Future(request_id=uuid.uuid4().hex, tenant=tenant, request_type=request_type,
                         model_id=model_id, seq_id=seq_id)
+        # Written before the request id is handed out: after a crash it answers 410 (resubmit), never 404.
         self._store.add(RequestRow(id=future.request_id, tenant=tenant, request_type=request_type))
         with self._lock:
             self._futures[future.request_id] = future
         return future
 
     def resolve(self, future: Future, outcome: Outcome) -> None:
-        """Called from any thread, once per future."""
-        payload = None
-        if outcome.result is not None:
-            payload = outcome.result.model_dump_json(exclude_none=True).encode()
-        metrics = getattr(outcome.result, "metrics", None)
-        history = None
-        if metrics and future.model_id is not None:
-            history = MetricRow(training_run_id=future.model_id, seq_id=future.seq_id or 0,
-                                request_type=future.request_type, metrics=metrics)
-        self._store.finish_request(future.request_id, kind=outcome.kind, result=payload, error=outcome.error,
-                                   category=outcome.category if outcome.error else None, metrics=history)
+        """Called from any thread, once per future; returns at once (the recorder stores and publishes)."""
+        with self._recording:
+            self._unrecorded.append((future, outcome))
+            self._recording.notify()
+
+    def _record_loop(self) -> None:
+        while True:
+            with self._recording:
+                while not self._unrecorded and not self._closed:
+                    self._recording.wait()
+                if not self._unrecorded:
+                    return
+                batch = list(self._unrecorded)
+                self._unrecorded.clear()
+            try:
+                self._store.finish_requests([_finished_row(f, o) for f, o in batch],
+                                            [row for f, o in batch if (row := _metric_row(f, o)) is not None])
+            except Exception:  # the answers still go out; after a restart these requests answer 410
+                log.exception("could not record %d finished requests", len(batch))
+            for future, outcome in batch:
+                self._publish(future, outcome)
+
+    def _publish(self, future: Future, outcome: Outcome) -> None:
         with self._lock:
             future.outcome = outcome
             future.finished_at = time.monotonic()
@@ -126,6 +158,22 @@ class FutureTable:
             stale = [key for key, f in self._futures.items() if f.finished_at is not None and f.finished_at < cutoff]
             for key in stale:
                 del self._futures[key]
+
+
+def _finished_row(future: Future, outcome: Outcome) -> dict:
+    return {"id": future.request_id, "status": "failed" if outcome.error is not None else "done",
+            "result_kind": outcome.kind, "error": outcome.error,
+            "result": None if outcome.result is None else outcome.result.model_dump_json(exclude_none=True).encode(),
+            "category": outcome.category if outcome.error is not None else None}
+
+
+def _metric_row(future: Future, outcome: Outcome) -> MetricRow | None:
+    """A training request's metrics, for its run's history."""
+    metrics = getattr(outcome.result, "metrics", None)
+    if not metrics or future.model_id is None:
+        return None
+    return MetricRow(training_run_id=future.model_id, seq_id=future.seq_id or 0,
+                     request_type=future.request_type, metrics=metrics)
 
 
 def _outcome_from_row(row: RequestRow) -> Outcome:

@@ -110,6 +110,7 @@ class Runtime:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.futures.close()
         if self._owned_pool is not None:
             self._owned_pool.close()
 

@@ -27,6 +27,7 @@ from sqlalchemy import (
     func,
     inspect,
     select,
+    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -212,18 +213,16 @@ class Store:
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(model).filter_by(**filters)) or 0
 
-    def finish_request(self, request_id: str, *, kind: str | None = None, result: bytes | None = None,
-                       error: str | None = None, category: str | None = None,
-                       metrics: MetricRow | None = None) -> None:
-        """Record a request's end, and the metrics it produced, in one transaction."""
+    def finish_requests(self, finished: list[dict[str, Any]], metrics: list[MetricRow]) -> None:
+        """Record the end of many requests, and the metrics they produced, in one transaction.
+
+        Each entry of `finished`: id, status ("done" | "failed"), result_kind, result, error, category.
+        """
+        now = utcnow()
         with self.session() as session:
-            row = session.get(RequestRow, request_id)
-            if row is not None:
-                row.status = "failed" if error is not None else "done"
-                row.result_kind, row.result, row.error, row.category = kind, result, error, category
-                row.finished_at = utcnow()
-            if metrics is not None:
-                session.add(metrics)
+            if finished:
+                session.execute(update(RequestRow), [{**entry, "finished_at": now} for entry in finished])
+            session.add_all(metrics)
 
     def mark_unfinished_lost(self) -> int:
         """After a restart, work that was in flight is gone: its futures answer 410 so SDKs resubmit."""
