@@ -4,8 +4,10 @@ Every targeted `nn.Linear` of the base model is replaced by a `LoraLinear` that 
 module and a table of adapters. Before each forward the caller fills the shared `Routing` with
 contiguous row ranges, one per adapter; each `LoraLinear` computes the frozen base output once for
 the whole batch and adds `scale * x A^T B^T` to the rows of each adapter that targets this module.
-Rows of one adapter are contiguous, so every delta works on views of the batch and no rows are
-gathered; adapters of different ranks and target sets mix freely.
+Rows of one adapter are contiguous, so every delta works on a split of the batch and no rows are
+gathered; adapters of different ranks and target sets mix freely. When a training batch is many
+adapters of one rank with equal runs of rows (tenants sending batches of one shape), their deltas
+are two batched matmuls over the stacked adapters instead of two matmuls per adapter.
 
 The unembedding (`lm_head`) is wrapped even when no adapter trains it, because it is also where
 the batch is cut down to the positions whose logits are wanted (`Routing.head_index`): the
@@ -90,25 +92,62 @@ class LoraLinear(nn.Module):
             x = x.reshape(-1, x.shape[-1]).index_select(0, routing.head_index)
             groups = routing.head_groups
         out = self.base(x)
-        # Out of place: the base output is cut into row segments, the adapters' segments get their
-        # delta (one fused addmm each), and the segments are concatenated again. Autograd then only
-        # slices the incoming gradient on the way back, where in-place updates of a shared output
-        # would make it copy and zero-fill the whole gradient once per adapter.
-        pieces: list[torch.Tensor] = []
+        runs = self._runs(groups, out.shape[0])
+        if runs is None:
+            return out
+        if len(runs) == 1:  # one adapter owns every row: no cutting at all
+            return _add_delta(out, x, *runs[0][1])
+        if torch.is_grad_enabled() and _uniform(runs):  # training; decoding keeps the per-adapter
+            # matmuls, which read each adapter's weights once where stacking them copies them every step
+            return _add_grouped_delta(out, x, [lora for _, lora in runs])
+        # Out of place, and cut with split rather than slices: the base output and the input are
+        # split into runs of rows, each adapter's run gets its delta (one fused addmm), and the runs
+        # are concatenated again. The backward of split and cat is one concatenation or view of
+        # the gradient, where a slice's backward zero-fills a gradient the size of the whole batch,
+        # once per adapter and module -- most of the cost of a many-tenant batch of short rows.
+        sizes = [size for size, _ in runs]
+        pieces = [o if lora is None else _add_delta(o, xi, *lora)
+                  for o, xi, (_, lora) in zip(out.split(sizes), x.split(sizes), runs)]
+        return torch.cat(pieces)
+
+    def _runs(self, groups: list[Group], rows: int) -> list[tuple[int, tuple | None]] | None:
+        """The rows cut into runs, (row count, this module's (A, B, scale) of their adapter, or None
+        for rows with no delta here), in order; None when no row has a delta."""
+        runs: list[tuple[int, tuple | None]] = []
         cursor = 0
         for adapter_id, start, stop in groups:
             lora = self.adapters.get(adapter_id)
             if lora is None:  # this adapter does not target this module
                 continue
             if cursor < start:
-                pieces.append(out[cursor:start])
-            pieces.append(_add_delta(out[start:stop], x[start:stop], *lora))
+                runs.append((start - cursor, None))
+            runs.append((stop - start, lora))
             cursor = stop
-        if not pieces:
-            return out
-        if cursor < out.shape[0]:
-            pieces.append(out[cursor:])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if not runs:
+            return None
+        if cursor < rows:
+            runs.append((rows - cursor, None))
+        return runs
+
+
+def _uniform(runs: list[tuple[int, tuple | None]]) -> bool:
+    """Whether every run is an adapter's, all of one length, rank and scale: the adapters' deltas
+    are then one batched matmul pair (many tenants sending batches of one shape)."""
+    size, (a0, b0, scale0) = runs[0][0], runs[0][1] or (None, None, None)
+    return a0 is not None and all(
+        n == size and lora is not None and lora[0].shape == a0.shape and lora[1].shape == b0.shape and lora[2] == scale0
+        for n, lora in runs)
+
+
+def _add_grouped_delta(out: torch.Tensor, x: torch.Tensor, loras: list[tuple]) -> torch.Tensor:
+    """out + scale * x_g A_g^T B_g^T for G equal runs of rows g, as two batched matmuls over the
+    stacked adapters instead of two matmuls (and a split and a concatenation) per adapter."""
+    groups, shape = len(loras), out.shape
+    a = torch.stack([lora[0] for lora in loras])  # [G, rank, in]
+    b = torch.stack([lora[1] for lora in loras])  # [G, out, rank]
+    low_rank = torch.bmm(x.reshape(groups, -1, x.shape[-1]), a.transpose(1, 2))  # [G, rows, rank]
+    grouped = torch.baddbmm(out.reshape(groups, -1, shape[-1]), low_rank, b.transpose(1, 2), alpha=loras[0][2])
+    return grouped.view(shape)
 
 
 def _add_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -74,6 +74,9 @@ def prepare(index: int, job: ForwardBackwardJob, base: BaseModel, *, trainable: 
         targets.append(target)
     if targets and len({t.ndim for t in targets}) > 1:
         raise EngineError("target_tokens must be 1-D in every datum or 2-D in every datum of a job")
+    if targets and len({t.shape[1:] for t in targets}) > 1:
+        raise EngineError("2-D target_tokens [T, K] must have the same K in every datum of a job, got "
+                          f"K = {sorted({t.shape[1] for t in targets})}")
     flat = {name: _concat(parts, np.float32) for name, parts in inputs.items()}
     return PreparedJob(index, job, loss, config, tokens, _concat(targets, np.int64), flat, train=not job.forward_only)
 
@@ -182,21 +185,30 @@ def _run_batch(base: BaseModel, jobs: list[PreparedJob]) -> dict[int, tuple]:
         finally:
             routing.clear()
         logprobs_all = logits.float().log_softmax(-1)  # [N, vocab]
-        total, raw, start = None, {}, 0
-        for job in jobs:
-            stop = start + sum(job.lengths)
-            targets = torch.from_numpy(job.targets).to(device)
-            lp = logprobs_all[start:stop].gather(1, targets.view(len(targets), -1)).view(targets.shape)
+        total, raw = None, {}
+        for job, lp in zip(jobs, _target_logprobs(logprobs_all, [job.targets for job in jobs], device)):
             inputs = {k: torch.from_numpy(v).to(device) for k, v in job.inputs.items()}
             lengths = torch.tensor(job.lengths, dtype=torch.long, device=device)
             loss, metrics = job.loss.fn(lp, inputs, job.config, lengths)
             if job.train:
                 total = loss if total is None else total + loss
-            raw[job.index] = (lp.detach(), loss.detach(), metrics, stop - start)
-            start = stop
+            raw[job.index] = (lp.detach(), loss.detach(), metrics, len(job.targets))
         if total is not None:
             total.backward()
     return {index: (lp.cpu().numpy(), float(loss), metrics, n) for index, (lp, loss, metrics, n) in raw.items()}
+
+
+def _target_logprobs(logprobs: torch.Tensor, targets: list[np.ndarray], device) -> list[torch.Tensor]:
+    """Each job's log-probabilities of its targets ([n] or [n, K]) from the batch's [N, vocab].
+
+    One gather for the whole batch when every job has one target per position, else a split and a
+    gather per job; never a slice per job, whose backward would zero-fill all of [N, vocab] each time."""
+    sizes = [len(t) for t in targets]
+    if all(t.ndim == 1 for t in targets):
+        flat = torch.from_numpy(np.concatenate(targets)).to(device)
+        return list(logprobs.gather(1, flat[:, None]).view(-1).split(sizes))
+    return [piece.gather(1, torch.from_numpy(t).to(device).view(len(t), -1)).view(t.shape)
+            for piece, t in zip(logprobs.split(sizes), targets)]
 
 
 def _merge(job: PreparedJob, parts: list[tuple]) -> ForwardBackwardResult:
