@@ -84,7 +84,7 @@ class FutureTable:
         future = Future(request_id=uuid.uuid4().hex, tenant=tenant, request_type=request_type,
                         model_id=model_id, seq_id=seq_id)
         # Written before the request id is handed out: after a crash it answers 410 (resubmit), never 404.
-        self._store.add(RequestRow(id=future.request_id, tenant=tenant, request_type=request_type))
+        self._store.insert(RequestRow, id=future.request_id, tenant=tenant, request_type=request_type)
         with self._lock:
             self._futures[future.request_id] = future
         return future

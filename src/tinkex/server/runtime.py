@@ -101,7 +101,7 @@ class Runtime:
         self._tenants = {hash_key(key): tenant for key, tenant in settings.api_keys.items()}
         self._sampler_dirs: dict[str, Path] = {}
         self._touched: dict[str, float] = {}
-        self._owners: dict[str, str] = {}  # model_id -> tenant, for models opened by this process
+        self._live_runs: dict[str, TrainingRunRow] = {}  # models opened by this process (rows never change)
         self._lock = threading.Lock()
         self.faults: dict[str, list[int]] = {}  # path -> [status, remaining]
 
@@ -133,7 +133,10 @@ class Runtime:
         thread and more than once; the engine work itself runs on the engine thread. A finished
         session calls it; so can the expiry of one whose heartbeats stopped."""
         prefix = f"{session_id}:train:"  # the SDK builds model ids this way, so they name their session
-        self.scheduler.release_models([m for m in self.scheduler.model_ids() if m.startswith(prefix)], reason)
+        released = [m for m in self.scheduler.model_ids() if m.startswith(prefix)]
+        for model_id in released:
+            self._live_runs.pop(model_id, None)
+        self.scheduler.release_models(released, reason)
         with self.store.session() as db:
             paths = db.scalars(select(SamplingSessionRow.model_path).where(
                 SamplingSessionRow.session_id == session_id, SamplingSessionRow.model_path.like("snapshot:%"))).all()
@@ -193,13 +196,21 @@ class Runtime:
             raise not_found(f"model {model_id!r}")
         return row
 
-    def open_model(self, model_id: str, tenant: str) -> None:
-        self._owners[model_id] = tenant
-        self.scheduler.open_model(model_id)
+    def open_model(self, row: TrainingRunRow) -> None:
+        """Record a new run and give it a request queue; its row is kept for the hot path."""
+        self.store.add(row)
+        self._live_runs[row.id] = row
+        self.scheduler.open_model(row.id)
+
+    def discard_run(self, model_id: str) -> None:
+        """Forget a run that never came to be (its weights failed to load)."""
+        self._live_runs.pop(model_id, None)
+        self.store.delete(TrainingRunRow, model_id)
 
     def owns_model(self, model_id: str, tenant: str) -> bool:
         """Cheap ownership check for the hot path (models opened by this process)."""
-        return self._owners.get(model_id) == tenant
+        row = self._live_runs.get(model_id)
+        return row is not None and row.tenant == tenant
 
     def touch_run(self, model_id: str) -> None:
         """Record a run's last request time; at most every few seconds, to keep writes off the hot path."""
@@ -210,7 +221,9 @@ class Runtime:
 
     def live_model(self, model_id: str, tenant: str) -> TrainingRunRow:
         """A training run whose weights are loaded in this server process."""
-        row = self.training_run(model_id, tenant)
+        row = self._live_runs.get(model_id)
+        if row is None or row.tenant != tenant:
+            row = self.training_run(model_id, tenant)  # 404 for another tenant's
         if not self.scheduler.has_model(model_id):
             raise HTTPException(status_code=404, detail=(
                 f"model {model_id!r} is not loaded (the server restarted or it was unloaded); "

@@ -25,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     inspect,
     select,
     update,
@@ -176,6 +177,11 @@ class Store:
     def add(self, row: Base) -> None:
         with self.session() as session:
             session.add(row)
+
+    def insert(self, model: type, **values: Any) -> None:
+        """One new row as a plain INSERT, without the ORM's unit of work (for the per-request hot path)."""
+        with self.session() as session:
+            session.execute(insert(model).values(**values))
 
     def get(self, model: type, key: str) -> Any:
         with self.session() as session:

@@ -101,11 +101,10 @@ def create_model(body: CreateModelRequest, runtime: RuntimeDep, tenant: TenantDe
     spec = _lora_spec(lora.rank, lora.seed, lora.train_mlp, lora.train_attn, lora.train_unembed)
     if runtime.store.get(TrainingRunRow, model_id) is not None:
         raise bad_request(f"model {model_id!r} already exists")
-    runtime.store.add(TrainingRunRow(
+    runtime.open_model(TrainingRunRow(
         id=model_id, tenant=tenant, session_id=body.session_id, base_model=info.name, lora_rank=spec.rank,
         seed=spec.seed, train_mlp=spec.train_mlp, train_attn=spec.train_attn, train_unembed=spec.train_unembed,
         user_metadata=body.user_metadata))
-    runtime.open_model(model_id, tenant)
 
     def run() -> Outcome:
         runtime.engine.create_adapter(model_id, info.name, spec)
@@ -306,17 +305,16 @@ def _create_from_checkpoint(body: LoadWeightsRequest, runtime: Runtime, tenant: 
         raise bad_request(f"{body.path} was trained on {source.base_model}, not {body.base_model}")
     if runtime.store.get(TrainingRunRow, model_id) is not None:
         raise bad_request(f"model {model_id!r} already exists")
-    runtime.store.add(TrainingRunRow(
+    runtime.open_model(TrainingRunRow(
         id=model_id, tenant=tenant, session_id=body.session_id, base_model=source.base_model,
         lora_rank=source.lora_rank, seed=source.seed, train_mlp=source.train_mlp, train_attn=source.train_attn,
         train_unembed=source.train_unembed, user_metadata=body.user_metadata or source.user_metadata))
-    runtime.open_model(model_id, tenant)
 
     def run() -> Outcome:
         try:
             runtime.engine.load_state(model_id, Path(checkpoint.directory), optimizer=body.optimizer)
         except Exception:  # no model came of it: do not list a run that never existed
-            runtime.store.delete(TrainingRunRow, model_id)
+            runtime.discard_run(model_id)
             raise
         return Outcome(result=LoadWeightsResponse(path=body.path, model_id=model_id))
 
