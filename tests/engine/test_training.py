@@ -145,6 +145,28 @@ def test_loss_matches_reference(engine, ref_model, new_id, case):
     engine.remove_adapter(aid)
 
 
+def assert_batched_equals_alone(engine, jobs, ids) -> list:
+    """Run the jobs as one batch, then each alone: same losses, logprobs and gradients. Returns each
+    adapter's gradients from the jobs alone, and removes the adapters."""
+    together = engine.forward_backward(jobs)
+    mixed_grads = {aid: grads(engine, aid) for aid in ids}
+    for aid in ids:
+        clear_grads(engine, aid)
+    alone = [engine.forward_backward([job])[0] for job in jobs]
+    for t, a in zip(together, alone):
+        assert t.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5, abs=1e-5)
+        for to, ao in zip(t.outputs, a.outputs):
+            assert to["logprobs"].shape == ao["logprobs"].shape
+            np.testing.assert_allclose(to["logprobs"], ao["logprobs"], rtol=1e-5, atol=1e-5)
+    separate = {}
+    for aid in ids:
+        separate[aid] = grads(engine, aid)
+        for key, g in mixed_grads[aid].items():
+            assert_close_scaled(g, separate[aid][key])
+        engine.remove_adapter(aid)
+    return [separate[aid] for aid in ids]
+
+
 def test_mixed_adapter_batch_equals_each_alone(engine, new_id):
     """Adapters of different ranks and target sets, different losses, in ONE forward_backward call,
     give the same logprobs, losses and gradients as running each job on its own."""
@@ -167,21 +189,8 @@ def test_mixed_adapter_batch_equals_each_alone(engine, new_id):
         ForwardBackwardJob(ids[0], [random_datum(rng, 5)], "cross_entropy", forward_only=True),
         ForwardBackwardJob(ids[1], [rl(6)], "cispo"),
     ]
-    together = engine.forward_backward(jobs)
-    mixed_grads = {aid: grads(engine, aid) for aid in ids}
-    for aid in ids:
-        clear_grads(engine, aid)
-    alone = [engine.forward_backward([job])[0] for job in jobs]
-    for t, a in zip(together, alone):
-        assert t.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5, abs=1e-5)
-        for to, ao in zip(t.outputs, a.outputs):
-            np.testing.assert_allclose(to["logprobs"], ao["logprobs"], rtol=1e-5, atol=1e-5)
-    for aid in ids:
-        separate = grads(engine, aid)
-        for key, g in mixed_grads[aid].items():
-            assert_close_scaled(g, separate[key])
+    for separate in assert_batched_equals_alone(engine, jobs, ids):
         assert any(g.abs().max() > 0 for g in separate.values())
-        engine.remove_adapter(aid)
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -349,20 +358,10 @@ def test_soft_targets_mixed_with_one_hot_jobs_equal_each_alone(engine, new_id):
             ForwardBackwardJob(ids[1], [soft, datum(tokens, rng.integers(0, V, (6, 3)), weights=np.ones((6, 3)))],
                                "cross_entropy"),
             ForwardBackwardJob(ids[0], [random_datum(rng, 4)], "cross_entropy")]
-    together = engine.forward_backward(jobs)
-    mixed_grads = {aid: grads(engine, aid) for aid in ids}
+    assert engine.forward_backward([jobs[1]])[0].outputs[0]["logprobs"].shape == (6, 3)
     for aid in ids:
         clear_grads(engine, aid)
-    alone = [engine.forward_backward([job])[0] for job in jobs]
-    assert together[1].outputs[0]["logprobs"].shape == (6, 3)
-    for t, a in zip(together, alone):
-        assert t.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5, abs=1e-5)
-        for to, ao in zip(t.outputs, a.outputs):
-            np.testing.assert_allclose(to["logprobs"], ao["logprobs"], rtol=1e-5, atol=1e-5)
-    for aid in ids:
-        for key, g in grads(engine, aid).items():
-            assert_close_scaled(mixed_grads[aid][key], g)
-        engine.remove_adapter(aid)
+    assert_batched_equals_alone(engine, jobs, ids)
 
 
 def test_soft_targets_of_different_widths_in_one_job_are_refused(engine, new_id):
@@ -385,16 +384,5 @@ def test_many_tenants_of_one_shape_equal_each_alone(engine, new_id):
         randomize_b(engine, aid, seed=20 + i)
     rng = np.random.default_rng(8)
     jobs = [ForwardBackwardJob(aid, [random_datum(rng, 14) for _ in range(3)], "cross_entropy") for aid in ids]
-    together = engine.forward_backward(jobs)
-    mixed_grads = {aid: grads(engine, aid) for aid in ids}
-    for aid in ids:
-        clear_grads(engine, aid)
-    alone = [engine.forward_backward([job])[0] for job in jobs]
-    for t, a in zip(together, alone):
-        assert t.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5, abs=1e-5)
-    for aid in ids:
-        separate = grads(engine, aid)
-        for key, g in mixed_grads[aid].items():
-            assert_close_scaled(g, separate[key])
+    for separate in assert_batched_equals_alone(engine, jobs, ids):
         assert all(g.abs().max() > 0 for g in separate.values())  # every module of every adapter learned
-        engine.remove_adapter(aid)
