@@ -26,7 +26,6 @@ from . import builtin, checkpoint, lora, models, residency, sampler, training
 from .api import (
     BUILTIN_MODEL,
     AdamHyper,
-    BaseModelInfo,
     EngineError,
     ForwardBackwardJob,
     ForwardBackwardResult,
@@ -35,6 +34,7 @@ from .api import (
     SampleResult,
 )
 from .optim import AdapterOptimizer
+from .served import ServedModels
 
 MAX_RANK = 1024
 
@@ -52,7 +52,7 @@ class Adapter:
     parked: residency.Parked | None = None
 
 
-class Engine:
+class Engine(ServedModels):
     def __init__(self, base_models: Sequence[str] = (BUILTIN_MODEL,), *, device: str | None = None,
                  hf_home: Path | None = None, max_resident_adapters: int | None = None,
                  spill_dir: Path | None = None, sampler_backend: str = "torch",
@@ -85,23 +85,6 @@ class Engine:
             self._vllm = VllmSampler(self._base, vllm_engine_args)
         elif sampler_backend != "torch":
             raise EngineError(f"unknown sampler backend {sampler_backend!r} (torch or vllm)")
-
-    # --- base models ------------------------------------------------------------------------
-
-    def model_infos(self) -> list[BaseModelInfo]:
-        return [base.info for base in self._bases.values()]
-
-    def model_info(self, base_model: str) -> BaseModelInfo:
-        return self._base(base_model).info
-
-    def tokenizer(self, base_model: str):
-        return self._base(base_model).tokenizer
-
-    def _base(self, name: str) -> models.BaseModel:
-        try:
-            return self._bases[name]
-        except KeyError:
-            raise EngineError(f"base model {name!r} is not served here (served: {', '.join(self._bases)})") from None
 
     # --- adapters ---------------------------------------------------------------------------
 

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .api import BaseModelInfo, EngineError, ForwardBackwardJob, ForwardBackwardResult, LoraSpec, SampleJob
+from .api import EngineError, ForwardBackwardJob, ForwardBackwardResult, LoraSpec, SampleJob
+from .served import ServedModels
 
 log = logging.getLogger("tinkex.engine")
 
@@ -274,7 +275,7 @@ class _InFlight:
     error: Exception | None = None  # its streaming listener failed: the request fails when it ends
 
 
-class WorkerPool:
+class WorkerPool(ServedModels):
     """The engine's interface over engine workers (see the module docstring). Called from the
     scheduler's one engine thread; `stats` and the metadata calls may come from other threads."""
 
@@ -302,23 +303,6 @@ class WorkerPool:
     def close(self) -> None:
         for worker in self._workers:
             worker.close()
-
-    # --- base models: answered here ---------------------------------------------------------
-
-    def model_infos(self) -> list[BaseModelInfo]:
-        return [base.info for base in self._bases.values()]
-
-    def model_info(self, base_model: str) -> BaseModelInfo:
-        return self._base(base_model).info
-
-    def tokenizer(self, base_model: str):
-        return self._base(base_model).tokenizer
-
-    def _base(self, name: str):
-        try:
-            return self._bases[name]
-        except KeyError:
-            raise EngineError(f"base model {name!r} is not served here (served: {', '.join(self._bases)})") from None
 
     # --- placement --------------------------------------------------------------------------
 
