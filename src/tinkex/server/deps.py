@@ -9,11 +9,15 @@ from fastapi import Depends, Header, HTTPException, Request
 from .runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+# Both are `async def` although they never await: FastAPI runs a plain `def` dependency in its thread
+# pool, and two thread hops per request cost more than the key's hash they guard.
+
+
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def get_tenant(
+async def get_tenant(
     runtime: Annotated[Runtime, Depends(get_runtime)],
     x_api_key: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
