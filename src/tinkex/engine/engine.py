@@ -322,8 +322,9 @@ class Engine(ServedModels):
         step_samples(). Returns the requests refused at once, with the reason."""
         refused = []
         if self._vllm is not None:  # vLLM takes what it serves; requests on live training adapters stay here
-            refused = self._vllm.submit_samples([job for job in jobs if self._vllm.serves(job)])
-            jobs = [job for job in jobs if not self._vllm.serves(job)]
+            served = [self._vllm.serves(job) for job in jobs]
+            refused = self._vllm.submit_samples([job for job, vllm in zip(jobs, served) if vllm])
+            jobs = [job for job, vllm in zip(jobs, served) if not vllm]
         for job in jobs:
             try:
                 base, prepared = self._prepare_sample(0, job)

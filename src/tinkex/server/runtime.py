@@ -140,18 +140,8 @@ class Runtime:
         with self.store.session() as db:
             paths = db.scalars(select(SamplingSessionRow.model_path).where(
                 SamplingSessionRow.session_id == session_id, SamplingSessionRow.model_path.like("snapshot:%"))).all()
-        snapshots = [_sampler_id(path[len("snapshot:"):]) for path in paths]
-        if not snapshots:
-            return
-
-        def drop_snapshots() -> None:  # on the engine thread
-            for adapter_id in snapshots:
-                with self._lock:
-                    self._sampler_dirs.pop(adapter_id, None)
-                if self.engine.has_adapter(adapter_id):
-                    self.engine.remove_adapter(adapter_id)
-
-        self.scheduler.call_soon(drop_snapshots)
+        if paths:
+            self._free_sampler_weights([_sampler_id(path[len("snapshot:"):]) for path in paths])
 
     def expire_sessions(self) -> list[str]:
         """Expire the active sessions whose heartbeats stopped, freeing their memory (their checkpoints stay)."""
@@ -271,15 +261,7 @@ class Runtime:
         """Forget the checkpoint and its files, and free its sampler weights if they were loaded
         (requests still decoding from them fail; later ones get 404)."""
         self.store.delete(CheckpointRow, row.tinker_path)
-        adapter_id = _sampler_id(row.directory)
-        with self._lock:
-            loaded = self._sampler_dirs.pop(adapter_id, None) is not None
-        if loaded:
-            def free() -> None:  # on the engine thread
-                if self.engine.has_adapter(adapter_id):
-                    self.engine.remove_adapter(adapter_id)
-
-            self.scheduler.call_soon(free)
+        self._free_sampler_weights([_sampler_id(row.directory)])
         shutil.rmtree(row.directory, ignore_errors=True)
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -302,6 +284,20 @@ class Runtime:
         with self._lock:
             self._sampler_dirs[adapter_id] = Path(directory)
         return adapter_id
+
+    def _free_sampler_weights(self, adapter_ids: list[str]) -> None:
+        """Forget these sampler adapters and free their weights on the engine thread, if loaded
+        (requests still decoding from them fail)."""
+        with self._lock:
+            for adapter_id in adapter_ids:
+                self._sampler_dirs.pop(adapter_id, None)
+
+        def free() -> None:
+            for adapter_id in adapter_ids:
+                if self.engine.has_adapter(adapter_id):
+                    self.engine.remove_adapter(adapter_id)
+
+        self.scheduler.call_soon(free)
 
     def _prepare_sample(self, job: SampleJob) -> None:
         # Runs on the engine thread, just before the batch that needs the weights.

@@ -21,10 +21,9 @@ from tinkex.types import ModelInput, SampleRequest, SampleResponse, SamplingPara
 
 from .. import convert
 from ..deps import RuntimeDep, TenantDep
-from ..futures import Outcome
 from ..runtime import Runtime, bad_request
-from ..scheduler import Work
 from ..store import CheckpointRow, TrainingRunRow
+from .sampling import queue_sample
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -77,11 +76,7 @@ def _submit(runtime: Runtime, tenant: str, body: _Common, prompt: list[int], max
     except convert.InputError as exc:
         raise bad_request(str(exc)) from None
     job.on_tokens = on_tokens
-    with runtime.scheduler.room():  # full: 429 (with Retry-After) before anything is recorded
-        future = runtime.futures.create(tenant, "Sample")
-        runtime.scheduler.submit_sample(None, Work(future=future, sample=job, finish=lambda result: Outcome(
-            result=convert.sample_response(result, request))))
-    return future
+    return queue_sample(runtime, tenant, job, request)
 
 
 async def _result(runtime: Runtime, future) -> SampleResponse:

@@ -6,6 +6,7 @@ import uuid
 
 from fastapi import APIRouter, HTTPException
 
+from tinkex.engine.api import SampleJob
 from tinkex.types import (
     CreateSamplingSessionRequest,
     CreateSamplingSessionResponse,
@@ -15,8 +16,8 @@ from tinkex.types import (
 
 from .. import convert
 from ..deps import RuntimeDep, TenantDep
-from ..futures import Outcome
-from ..runtime import bad_request, not_found
+from ..futures import Future, Outcome
+from ..runtime import Runtime, bad_request, not_found
 from ..scheduler import Work
 from ..store import SamplingSessionRow, SessionRow
 
@@ -68,13 +69,21 @@ def asample(body: SampleRequest, runtime: RuntimeDep, tenant: TenantDep) -> Unty
         job = convert.sample_job(body, info, adapter)
     except convert.InputError as exc:
         raise bad_request(str(exc)) from None
-    with runtime.scheduler.room():  # full: 429 before anything is recorded, and the SDK resubmits this seq_id
-        future = runtime.futures.create(tenant, "Sample")
-        work = Work(future=future, sample=job,
-                    finish=lambda result: Outcome(result=convert.sample_response(result, body)))
-        runtime.scheduler.submit_sample(key, work)
+    future = queue_sample(runtime, tenant, job, body, key)
     ids_key = key or (uuid.uuid4().hex, 0)
     return UntypedAPIFuture(request_id=future.request_id, sample_sequence_ids=_sequence_ids(ids_key, body.num_samples))
+
+
+def queue_sample(runtime: Runtime, tenant: str, job: SampleJob, request: SampleRequest,
+                 key: tuple[str, int] | None = None) -> Future:
+    """Record a sample request's future and hand the job to the scheduler; its result is answered as
+    `request` asked. A full queue raises QueueFull (429) before anything is recorded, so the client
+    resubmits the same request (and seq_id) later."""
+    with runtime.scheduler.room():
+        future = runtime.futures.create(tenant, "Sample")
+        runtime.scheduler.submit_sample(key, Work(future=future, sample=job, finish=lambda result: Outcome(
+            result=convert.sample_response(result, request))))
+    return future
 
 
 def _sequence_ids(key: tuple[str, int], num_samples: int) -> list[str]:
