@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtin, checkpoint, lora, models, residency, sampler, training
+from . import builtin, checkpoint, lora, models, residency, sampler, training, util
 from .api import (
     BUILTIN_MODEL,
     AdamHyper,
@@ -67,6 +67,8 @@ class Engine(ServedModels):
         `sampler_backend="vllm"` samples from the base models and sampler checkpoints with vLLM on a
         GPU (vllm_sampler.py; `vllm_engine_args` go to its EngineArgs); "torch" is the built-in sampler."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            util.keep_freed_memory()
         self.cache_dir = builtin.hub_cache_dir(hf_home)
         self._bases = {name: models.BaseModel(name, models.resolve(name, self.cache_dir), self.device)
                        for name in dict.fromkeys(base_models)}

@@ -91,15 +91,20 @@ class LoraLinear(nn.Module):
         if self.is_head and routing.head_index is not None:
             x = x.reshape(-1, x.shape[-1]).index_select(0, routing.head_index)
             groups = routing.head_groups
+        rows, shape = x.shape[0], (*x.shape[:-1], self.out_features)
+        x = x.reshape(-1, x.shape[-1])  # [rows * positions, in]: every matmul below is 2-D
         out = self.base(x)
-        runs = self._runs(groups, out.shape[0])
+        runs = self._runs(groups, rows, x.shape[0] // max(rows, 1))
         if runs is None:
-            return out
-        if len(runs) == 1:  # one adapter owns every row: no cutting at all
-            return _add_delta(out, x, *runs[0][1])
+            return out.view(shape)
+        if len(runs) == 1:  # one adapter owns every row: no cutting at all. In place: the base output
+            # is not saved for the backward (a linear's needs its input), and at the head it is
+            # [tokens, vocab], the biggest tensor of the forward.
+            a, b, scale = runs[0][1]
+            return out.addmm_(x @ a.t(), b.t(), alpha=scale).view(shape)
         if torch.is_grad_enabled() and _uniform(runs):  # training; decoding keeps the per-adapter
             # matmuls, which read each adapter's weights once where stacking them copies them every step
-            return _add_grouped_delta(out, x, [lora for _, lora in runs])
+            return _add_grouped_delta(out, x, [lora for _, lora in runs]).view(shape)
         # Out of place, and cut with split rather than slices: the base output and the input are
         # split into runs of rows, each adapter's run gets its delta (one fused addmm), and the runs
         # are concatenated again. The backward of split and cat is one concatenation or view of
@@ -108,11 +113,12 @@ class LoraLinear(nn.Module):
         sizes = [size for size, _ in runs]
         pieces = [o if lora is None else _add_delta(o, xi, *lora)
                   for o, xi, (_, lora) in zip(out.split(sizes), x.split(sizes), runs)]
-        return torch.cat(pieces)
+        return torch.cat(pieces).view(shape)
 
-    def _runs(self, groups: list[Group], rows: int) -> list[tuple[int, tuple | None]] | None:
-        """The rows cut into runs, (row count, this module's (A, B, scale) of their adapter, or None
-        for rows with no delta here), in order; None when no row has a delta."""
+    def _runs(self, groups: list[Group], rows: int, positions: int) -> list[tuple[int, tuple | None]] | None:
+        """The rows cut into runs, (flattened row count -- rows x `positions` per row --, this module's
+        (A, B, scale) of their adapter, or None for rows with no delta here), in order; None when no
+        row has a delta."""
         runs: list[tuple[int, tuple | None]] = []
         cursor = 0
         for adapter_id, start, stop in groups:
@@ -120,13 +126,13 @@ class LoraLinear(nn.Module):
             if lora is None:  # this adapter does not target this module
                 continue
             if cursor < start:
-                runs.append((start - cursor, None))
-            runs.append((stop - start, lora))
+                runs.append(((start - cursor) * positions, None))
+            runs.append(((stop - start) * positions, lora))
             cursor = stop
         if not runs:
             return None
         if cursor < rows:
-            runs.append((rows - cursor, None))
+            runs.append(((rows - cursor) * positions, None))
         return runs
 
 
@@ -151,10 +157,8 @@ def _add_grouped_delta(out: torch.Tensor, x: torch.Tensor, loras: list[tuple]) -
 
 
 def _add_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """out + scale * (x @ A^T) @ B^T over the last dimension, as one addmm."""
-    shape = out.shape
-    low_rank = x.reshape(-1, x.shape[-1]) @ a.t()
-    return torch.addmm(out.reshape(-1, shape[-1]), low_rank, b.t(), alpha=scale).view(shape)
+    """out + scale * (x @ A^T) @ B^T for 2-D out and x, as one addmm."""
+    return torch.addmm(out, x @ a.t(), b.t(), alpha=scale)
 
 
 def inject(model: nn.Module) -> tuple[Routing, dict[str, LoraLinear]]:
