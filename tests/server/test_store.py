@@ -1,10 +1,12 @@
 """The store: Alembic migrations describe exactly the models, on SQLite and on PostgreSQL."""
 
+from datetime import timedelta
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from tinkex.server.store import Base, SessionRow, Store, TrainingRunRow
+from tinkex.server.store import Base, SessionRow, Store, TrainingRunRow, utcnow
 
 from ..conftest import fresh_database
 
@@ -76,6 +78,11 @@ def test_results_are_durable_before_anyone_sees_them(database_url):
         rows = {row.id: row for row in session.query(RequestRow)}
         history = sorted(row.seq_id for row in session.query(MetricRow))
     assert [rows[f.request_id].status for f in futures].count("done") == 49
+    # Written on raw DB-API cursors (the hot path), read back through the ORM as its own rows.
+    now = utcnow()
+    assert all(now - timedelta(minutes=1) < row.created_at <= row.finished_at <= now for row in rows.values())
+    with store.session() as session:
+        assert session.query(MetricRow).filter_by(seq_id=3).one().metrics == {"loss:sum": 3.0}
     assert rows[futures[7].request_id].status == "failed" and rows[futures[7].request_id].error == "bad datum"
     assert history == [i for i in range(50) if i != 7]
     again = FutureTable(Store(database_url))  # what a restarted server reads back

@@ -19,7 +19,7 @@ from typing import Literal
 
 from tinkex.types import ForwardBackwardOutput, SampleResponse, WireModel
 
-from .store import MetricRow, RequestRow, Store
+from .store import RequestRow, Store
 
 log = logging.getLogger("tinkex.server")
 
@@ -84,7 +84,7 @@ class FutureTable:
         future = Future(request_id=uuid.uuid4().hex, tenant=tenant, request_type=request_type,
                         model_id=model_id, seq_id=seq_id)
         # Written before the request id is handed out: after a crash it answers 410 (resubmit), never 404.
-        self._store.insert(RequestRow, id=future.request_id, tenant=tenant, request_type=request_type)
+        self._store.insert_request(future.request_id, tenant, request_type)
         with self._lock:
             self._futures[future.request_id] = future
         return future
@@ -167,13 +167,13 @@ def _finished_row(future: Future, outcome: Outcome) -> dict:
             "category": outcome.category if outcome.error is not None else None}
 
 
-def _metric_row(future: Future, outcome: Outcome) -> MetricRow | None:
-    """A training request's metrics, for its run's history."""
+def _metric_row(future: Future, outcome: Outcome) -> dict | None:
+    """A training request's metrics, for its run's history (a MetricRow's values)."""
     metrics = getattr(outcome.result, "metrics", None)
     if not metrics or future.model_id is None:
         return None
-    return MetricRow(training_run_id=future.model_id, seq_id=future.seq_id or 0,
-                     request_type=future.request_type, metrics=metrics)
+    return {"training_run_id": future.model_id, "seq_id": future.seq_id or 0,
+            "request_type": future.request_type, "metrics": metrics}
 
 
 def _outcome_from_row(row: RequestRow) -> Outcome:

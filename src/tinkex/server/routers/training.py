@@ -1,4 +1,9 @@
-"""Training: create models, forward/backward, optimizer steps, saving and loading weights."""
+"""Training: create models, forward/backward, optimizer steps, saving and loading weights.
+
+The per-step routes (forward_backward, forward, optim_step) are coroutines: they only check the
+input against the in-memory run table, write one request row and queue the work, so running them on
+the event loop saves each step two thread-pool hops. Routes that read files or list rows stay plain
+functions (FastAPI runs those in its thread pool)."""
 
 from __future__ import annotations
 
@@ -170,12 +175,12 @@ async def forward_backward(request: Request, runtime: RuntimeDep, tenant: Tenant
 
 
 @router.post("/forward")
-def forward(body: ForwardRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
+async def forward(body: ForwardRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
     return _forward_backward(runtime, tenant, body.model_id, body.seq_id, body.forward_input, forward_only=True)
 
 
 @router.post("/optim_step")
-def optim_step(body: OptimStepRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
+async def optim_step(body: OptimStepRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
     params = body.adam_params
     hyper = AdamHyper(learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2, eps=params.eps,
                       weight_decay=params.weight_decay, grad_clip_norm=params.grad_clip_norm)
