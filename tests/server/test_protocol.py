@@ -217,3 +217,20 @@ def test_restart_keeps_runs_checkpoints_and_results(tmp_path, hf_home):
         assert api.result(load["request_id"]).json()["model_id"] == f"{new_session}:train:0"
     finally:
         proc.stop()
+
+
+def test_sampling_after_the_session_finished_is_refused(server):
+    """The sampling route answers from memory after a sampler's first request; a session finished
+    since (or expired) still refuses further samples with 410, and another tenant's sampler is 404."""
+    alice, bob = Api(server.base_url), Api(server.base_url, BOB)
+    session_id = alice.session()
+    sampler_id = alice.post("/create_sampling_session", json={"session_id": session_id, "sampling_session_seq_id": 0,
+                                                              "base_model": MODEL}).json()["sampling_session_id"]
+    body = {"sampling_session_id": sampler_id, "num_samples": 1, "prompt": {"chunks": [
+        {"type": "encoded_text", "tokens": [5, 6, 7]}]}, "sampling_params": {"max_tokens": 2}}
+    future = alice.post("/asample", json={**body, "seq_id": 0}).json()
+    assert len(alice.result(future["request_id"]).json()["sequences"]) == 1
+    assert bob.post("/asample", json={**body, "seq_id": 1}).status_code == 404
+    assert alice.http.post(f"/sessions/{session_id}/finish", json={"reason": {"type": "success"}}).status_code == 200
+    refused = alice.post("/asample", json={**body, "seq_id": 2})
+    assert refused.status_code == 410 and "finished" in refused.json()["detail"]

@@ -91,9 +91,13 @@ class FutureTable:
 
     def resolve(self, future: Future, outcome: Outcome) -> None:
         """Called from any thread, once per future; returns at once (the recorder stores and publishes)."""
-        with self._recording:
-            self._unrecorded.append((future, outcome))
-            self._recording.notify()
+        self.resolve_many([(future, outcome)])
+
+    def resolve_many(self, finished: list[tuple[Future, Outcome]]) -> None:
+        if finished:
+            with self._recording:
+                self._unrecorded.extend(finished)
+                self._recording.notify()
 
     def _record_loop(self) -> None:
         while True:

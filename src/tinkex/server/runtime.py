@@ -102,6 +102,10 @@ class Runtime:
         self._sampler_dirs: dict[str, Path] = {}
         self._touched: dict[str, float] = {}
         self._live_runs: dict[str, TrainingRunRow] = {}  # models opened by this process (rows never change)
+        # For the sampling hot path: sampling sessions (rows never change) and the sessions known to be
+        # active (a session leaves this set when it finishes or expires, see release_session).
+        self._samplers: dict[str, SamplingSessionRow] = {}
+        self._active_sessions: set[str] = set()
         self._lock = threading.Lock()
         self.faults: dict[str, list[int]] = {}  # path -> [status, remaining]
 
@@ -132,6 +136,7 @@ class Runtime:
         requests fail with `reason`) and the weights behind its snapshot samplers. Callable from any
         thread and more than once; the engine work itself runs on the engine thread. A finished
         session calls it; so can the expiry of one whose heartbeats stopped."""
+        self._active_sessions.discard(session_id)
         prefix = f"{session_id}:train:"  # the SDK builds model ids this way, so they name their session
         released = [m for m in self.scheduler.model_ids() if m.startswith(prefix)]
         for model_id in released:
@@ -265,6 +270,24 @@ class Runtime:
         shutil.rmtree(row.directory, ignore_errors=True)
 
     # ---- sampling -------------------------------------------------------------------------------
+
+    def sampler(self, sampler_id: str, tenant: str) -> SamplingSessionRow:
+        """A sampling session of this tenant whose session is still active (404 / 410 otherwise);
+        from memory after its first use."""
+        row = self._samplers.get(sampler_id)
+        if row is None:
+            row = self.store.owned(SamplingSessionRow, sampler_id, tenant)
+            if row is None:
+                raise not_found(f"sampling session {sampler_id!r}")
+            self._samplers[sampler_id] = row
+        elif row.tenant != tenant:
+            raise not_found(f"sampling session {sampler_id!r}")
+        if row.session_id not in self._active_sessions:
+            session = self.store.get(SessionRow, row.session_id)
+            if session is not None and session.status != "active":
+                raise HTTPException(status_code=410, detail=f"session {row.session_id!r} has finished")
+            self._active_sessions.add(row.session_id)
+        return row
 
     def sampler_adapter(self, row: SamplingSessionRow) -> str | None:
         """The engine adapter a sampling session samples from (None: the base model)."""

@@ -280,28 +280,22 @@ class Scheduler:
         except Exception as exc:  # the engine contains its own faults; this is a last resort
             log.exception("decode step failed")
             done = [(work.sample, exc) for work in self._sampling.values()]
+        finished = []
         for job, result in done:
             work = self._sampling.pop(id(job), None)
-            if work is None:
-                continue
-            if isinstance(result, Exception):
-                self._futures.resolve(work.future, _failure(result))
-            else:
-                self._resolve(work, lambda: work.finish(result))
+            if work is not None:
+                finished.append((work, result))
+        self._resolve_all(finished)
 
     def _run_batch(self, jobs: list, works: list[Work]) -> None:
         try:
             results = self._engine.forward_backward(jobs)
         except Exception as exc:
             log.exception("engine batch failed")
-            for work in works:
-                self._futures.resolve(work.future, Outcome(error=f"internal error: {exc}", category="server"))
+            failed = Outcome(error=f"internal error: {exc}", category="server")
+            self._futures.resolve_many([(work.future, failed) for work in works])
             return
-        for work, result in zip(works, results):
-            if isinstance(result, Exception):
-                self._futures.resolve(work.future, _failure(result))
-            else:
-                self._resolve(work, lambda: work.finish(result))
+        self._resolve_all(list(zip(works, results)))
 
     def _resolve(self, work: Work, compute: Callable[[], Outcome]) -> None:
         try:
@@ -309,6 +303,21 @@ class Scheduler:
         except Exception as exc:
             outcome = _failure(exc)
         self._futures.resolve(work.future, outcome)
+
+    def _resolve_all(self, finished: list[tuple[Work, object]]) -> None:
+        """Answer many works from their engine results (or exceptions) with one hand-over to the
+        recorder: a decode step can finish dozens of requests at once."""
+        outcomes = []
+        for work, result in finished:
+            if isinstance(result, Exception):
+                outcome = _failure(result)
+            else:
+                try:
+                    outcome = work.finish(result)
+                except Exception as exc:
+                    outcome = _failure(exc)
+            outcomes.append((work.future, outcome))
+        self._futures.resolve_many(outcomes)
 
 
 def _failure(exc: Exception) -> Outcome:

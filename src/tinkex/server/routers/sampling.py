@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 
 from tinkex.engine.api import SampleJob
 from tinkex.types import (
@@ -17,9 +17,9 @@ from tinkex.types import (
 from .. import convert
 from ..deps import RuntimeDep, TenantDep
 from ..futures import Future, Outcome
-from ..runtime import Runtime, bad_request, not_found
+from ..runtime import Runtime, bad_request
 from ..scheduler import Work
-from ..store import SamplingSessionRow, SessionRow
+from ..store import SamplingSessionRow
 
 router = APIRouter(prefix="/api/v1")
 
@@ -44,17 +44,14 @@ def create_sampling_session(body: CreateSamplingSessionRequest, runtime: Runtime
 
 
 @router.post("/asample")
-def asample(body: SampleRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
+async def asample(body: SampleRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
+    # A coroutine, like the per-step training routes: a sampling session's request is answered from
+    # memory and one request row (the legacy addressing below reads a checkpoint row as well).
     if body.sampling_session_id is not None:
-        sampler = runtime.store.owned(SamplingSessionRow, body.sampling_session_id, tenant)
-        if sampler is None:
-            raise not_found(f"sampling session {body.sampling_session_id!r}")
         key = (body.sampling_session_id, body.seq_id) if body.seq_id is not None else None
+        sampler = runtime.sampler(body.sampling_session_id, tenant)
         if key is not None and (existing := runtime.scheduler.existing_sample(key)) is not None:
             return UntypedAPIFuture(request_id=existing, sample_sequence_ids=_sequence_ids(key, body.num_samples))
-        session = runtime.store.get(SessionRow, sampler.session_id)
-        if session is not None and session.status != "active":
-            raise HTTPException(status_code=410, detail=f"session {sampler.session_id!r} has finished")
         base_model, adapter = sampler.base_model, runtime.sampler_adapter(sampler)
     elif body.model_path is not None:  # legacy addressing of SDKs without sampling sessions
         key = None
