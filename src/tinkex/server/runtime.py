@@ -137,6 +137,9 @@ class Runtime:
         thread and more than once; the engine work itself runs on the engine thread. A finished
         session calls it; so can the expiry of one whose heartbeats stopped."""
         self._active_sessions.discard(session_id)
+        for sampler_id, row in list(self._samplers.items()):  # a copy: the event loop may add meanwhile
+            if row.session_id == session_id:
+                self._samplers.pop(sampler_id, None)
         prefix = f"{session_id}:train:"  # the SDK builds model ids this way, so they name their session
         released = [m for m in self.scheduler.model_ids() if m.startswith(prefix)]
         for model_id in released:

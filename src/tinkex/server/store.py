@@ -190,8 +190,8 @@ class Store:
     def insert_request(self, request_id: str, tenant: str, request_type: str) -> None:
         """Record a new pending request (every asynchronous request, before its id is handed out)."""
         with self._raw() as cursor:
-            cursor.execute(*self._insert_request.bind(id=request_id, tenant=tenant, request_type=request_type,
-                                                      status="pending", created_at=utcnow()))
+            cursor.execute(self._insert_request.sql, self._insert_request.params(
+                id=request_id, tenant=tenant, request_type=request_type, status="pending", created_at=utcnow()))
 
     @contextmanager
     def _raw(self) -> Iterator[Any]:
@@ -288,9 +288,6 @@ class _Prepared:
         if self._key is not None:
             bound["key"] = values[self._key]
         return bound if self._order is None else tuple(bound[name] for name in self._order)
-
-    def bind(self, **values: Any) -> tuple[str, Any]:
-        return self.sql, self.params(**values)
 
 
 def dumps(value: Any) -> bytes:
