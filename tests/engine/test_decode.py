@@ -1,5 +1,6 @@
-"""The lean decode path (decode.LeanDecoder + kvcache.DenseCache) against the Hugging Face forward,
-and the batch-wide seeded draws (draws.py) against what they promise."""
+"""The lean forward (decode.LeanDecoder: decode steps over kvcache.DenseCache, and whole sequences for
+training) against the Hugging Face forward, and the batch-wide seeded draws (draws.py) against what
+they promise."""
 
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ def lean_engine(tmp_path_factory, engine_hf_home):
     return Engine([M, llama, qwen2], hf_home=engine_hf_home), [M, llama, qwen2]
 
 
-def _with_adapters(engine: Engine, name: str) -> list[str]:
+def _with_adapters(engine: Engine, name: str, prefix: str = "lean") -> list[str]:
     ids = []
     for i, spec in enumerate([LoraSpec(rank=4, seed=1), LoraSpec(rank=2, seed=2, train_mlp=False, train_unembed=True)]):
-        adapter_id = f"lean-{name}-{i}"
+        adapter_id = f"{prefix}-{name}-{i}"
         if not engine.has_adapter(adapter_id):
             engine.create_adapter(adapter_id, name, spec)
             randomize_b(engine, adapter_id, seed=20 + i, std=0.1)
@@ -105,6 +106,41 @@ def test_lean_decode_gives_the_hugging_face_logits(lean_engine, model):
         for seq, token in zip(sequences, tokens.tolist()):
             seq.append(token)
         logits = cache.decode(tokens, owners)
+
+
+@pytest.mark.parametrize("model", [0, 1, 2], ids=["qwen3", "llama", "qwen2"])
+def test_lean_training_forward_gives_the_hugging_face_logits_and_gradients(lean_engine, model):
+    """Right-padded rows of two adapters and the bare model through the lean sequence forward: every
+    real position's logits, and the adapters' gradients, are those of the Hugging Face forward."""
+    engine, names = lean_engine
+    name = names[model]
+    base = engine._bases[name]
+    owners_ids = _with_adapters(engine, name, prefix="lean-train")  # trainable: made outside inference mode
+    lean = decode.for_model(base)
+    rng = np.random.default_rng(10 + model)
+    lengths = [6, 13, 9, 4]
+    owners = [owners_ids[0], owners_ids[0], owners_ids[1], None]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = torch.tensor(rng.integers(3, 2000, size=n))
+    params = [p for a in owners_ids for pair in engine._adapters[a].weights.values() for p in pair]
+
+    def run(forward):
+        base.routing.set(lora.groups_from_owners(owners))
+        try:
+            logits = forward(ids)
+        finally:
+            base.routing.clear()
+        real = torch.cat([logits[r, :n] for r, n in enumerate(lengths)])
+        grads = torch.autograd.grad(real.log_softmax(-1)[:, 7].sum(), params, allow_unused=True)
+        return real.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    ours, our_grads = run(lean.forward_sequences)
+    theirs, their_grads = run(lambda x: base.model(input_ids=x, use_cache=False).logits)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+    for mine, reference in zip(our_grads, their_grads):
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().max() > 0 for g in our_grads)
 
 
 def test_capacity_grows_and_keeps_what_was_cached(lean_engine):

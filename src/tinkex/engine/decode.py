@@ -1,15 +1,18 @@
-"""A lean one-token decode forward for Llama-style models (Llama, Mistral, Qwen2, Qwen3).
+"""A lean forward for Llama-style models (Llama, Mistral, Qwen2, Qwen3): one decode step, or whole
+sequences for training.
 
-The Hugging Face forward does a lot per call that one decode step does not need: mask building,
-cache bookkeeping, output dataclasses, keyword plumbing through every layer. Here a step calls the
+The Hugging Face forward does a lot per call that these do not need: mask building, cache
+bookkeeping, output dataclasses, keyword plumbing through every layer. Here a forward calls the
 model's own submodules -- embeddings, norms, the (LoRA-wrapped) projections, the MLPs, the rotary
-embedding, the head -- in the order the model does, and writes each layer's new key and value
-straight into a preallocated cache (kvcache.DenseCache), attending with
-`F.scaled_dot_product_attention`. Same modules, same weights, same adapters: the logits agree with
-the Hugging Face forward to float rounding (tests/engine/test_decode.py).
+embedding, the head -- in the order the model does, attending with
+`F.scaled_dot_product_attention`. A decode step writes each layer's new key and value straight into
+a preallocated cache (kvcache.DenseCache); a training forward attends causally over right-padded
+rows. Same modules, same weights, same adapters: the logits agree with the Hugging Face forward to
+float rounding (tests/engine/test_decode.py). On a small model the plumbing is a fair share of a
+step, and all of it is Python under the server's one GIL.
 
-Models of other architectures, or with sliding-window layers, have no lean decoder (`for_model`
-returns None) and decode through the Hugging Face forward (kvcache.RowCache).
+Models of other architectures, or with sliding-window layers, have no lean forward (`for_model`
+returns None) and run through the Hugging Face forward (kvcache.RowCache when decoding).
 """
 
 from __future__ import annotations
@@ -74,6 +77,32 @@ class LeanDecoder:
             return self.head(self.inner.norm(hidden))
         finally:
             routing.clear()
+
+
+    def forward_sequences(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Whole right-padded rows [b, t] from position 0, with causal attention (a real token never
+        sees a pad to its right), and no cache: the training forward. Returns the head's output --
+        what the routing's head_index keeps, or [b, t, vocab]."""
+        b, t = input_ids.shape
+        hidden = self.inner.embed_tokens(input_ids)  # [b, t, hidden]
+        positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
+        cos, sin = self.inner.rotary_emb(hidden, positions)  # [b, t, head_dim]
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        for layer in self.layers:
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(b, t, self.heads, self.head_dim)
+            k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=self.scaling,
+                                                 enable_gqa=self.kv_heads != self.heads)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.head(self.inner.norm(hidden))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

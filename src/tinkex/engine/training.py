@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import lora, losses
+from . import decode, lora, losses
 from .api import DatumArrays, EngineError, ForwardBackwardJob, ForwardBackwardResult, resolve_loss_config
 from .models import BaseModel
 
@@ -181,7 +181,9 @@ def _run_batch(base: BaseModel, jobs: list[PreparedJob]) -> dict[int, tuple]:
     with torch.set_grad_enabled(any(job.train for job in jobs)):
         routing.set(row_groups, torch.from_numpy(keep).to(device), token_groups)
         try:
-            logits = model(input_ids=torch.from_numpy(batch).to(device), use_cache=False).logits
+            ids = torch.from_numpy(batch).to(device)
+            lean = decode.for_model(base)  # the same modules without the Hugging Face forward's plumbing
+            logits = lean.forward_sequences(ids) if lean is not None else model(input_ids=ids, use_cache=False).logits
         finally:
             routing.clear()
         total, raw = None, {}
