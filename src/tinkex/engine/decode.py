@@ -58,26 +58,17 @@ class LeanDecoder:
             hidden = self.inner.embed_tokens(tokens)  # [n, hidden]
             cos, sin = self.inner.rotary_emb(hidden[:, None], positions[:, None])  # [n, 1, head_dim]
             for index, layer in enumerate(self.layers):
-                attn = layer.self_attn
-                x = layer.input_layernorm(hidden)
-                q = attn.q_proj(x).view(n, self.heads, self.head_dim)
-                k = attn.k_proj(x).view(n, self.kv_heads, self.head_dim)
-                v = attn.v_proj(x).view(n, self.kv_heads, self.head_dim)
-                if self.qk_norm:
-                    q, k = attn.q_norm(q), attn.k_norm(k)
-                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+                q, k, v = self._qkv(layer, hidden, cos, sin)  # [n, heads, head_dim]
                 keys, values = cache.layer(index)
                 keys[rows, :, positions] = k
                 values[rows, :, positions] = v
                 out = F.scaled_dot_product_attention(q[:, :, None], keys[:n, :, :width], values[:n, :, :width],
                                                      attn_mask=mask, scale=self.scaling,
                                                      enable_gqa=self.kv_heads != self.heads)
-                hidden = hidden + attn.o_proj(out.reshape(n, self.heads * self.head_dim))
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                hidden = _finish_layer(layer, hidden, out.reshape(n, self.heads * self.head_dim))
             return self.head(self.inner.norm(hidden))
         finally:
             routing.clear()
-
 
     def forward_sequences(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Whole right-padded rows [b, t] from position 0, with causal attention (a real token never
@@ -89,24 +80,33 @@ class LeanDecoder:
         cos, sin = self.inner.rotary_emb(hidden, positions)  # [b, t, head_dim]
         cos, sin = cos[:, :, None], sin[:, :, None]
         for layer in self.layers:
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(b, t, self.heads, self.head_dim)
-            k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-            if self.qk_norm:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q, k, v = self._qkv(layer, hidden, cos, sin)  # [b, t, heads, head_dim]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True, scale=self.scaling,
                                                  enable_gqa=self.kv_heads != self.heads)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = _finish_layer(layer, hidden, out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         return self.head(self.inner.norm(hidden))
+
+    def _qkv(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """A layer's rotated queries, keys and values for `hidden` [..., hidden]: [..., heads, head_dim]."""
+        attn, lead = layer.self_attn, hidden.shape[:-1]
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(*lead, self.heads, self.head_dim)
+        k = attn.k_proj(x).view(*lead, self.kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(*lead, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def _finish_layer(layer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer after attention: output projection and MLP, each a residual."""
+    hidden = hidden + layer.self_attn.o_proj(attended)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of [n, heads, head_dim] with cos/sin [n, 1, head_dim] (the HF formula)."""
+    """Rotary embedding of [..., heads, head_dim] with cos/sin [..., 1, head_dim] (the HF formula)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

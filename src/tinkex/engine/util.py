@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 
@@ -22,9 +23,9 @@ def quiet_progress() -> Iterator[None]:
 
 
 _MMAP_THRESHOLD, _TRIM_THRESHOLD = -3, -1  # glibc's mallopt parameter numbers (malloc.h)
-_allocator_tuned = False
 
 
+@functools.cache  # process-wide: once is enough
 def keep_freed_memory() -> None:
     """Let glibc's malloc reuse freed tensor memory instead of returning it to the kernel.
 
@@ -34,10 +35,6 @@ def keep_freed_memory() -> None:
     a fifth of a small model's step on CPU. Keeping blocks up to 32 MiB (glibc's largest threshold)
     in the heap, and up to 256 MiB of free heap before trimming, makes them plain reuse. Process-wide
     and once; a no-op off glibc, or when the user set MALLOC_* / GLIBC_TUNABLES themselves."""
-    global _allocator_tuned
-    if _allocator_tuned:
-        return
-    _allocator_tuned = True
     import ctypes
     import os
     import sys

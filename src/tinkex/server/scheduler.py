@@ -298,26 +298,22 @@ class Scheduler:
         self._resolve_all(list(zip(works, results)))
 
     def _resolve(self, work: Work, compute: Callable[[], Outcome]) -> None:
-        try:
-            outcome = compute()
-        except Exception as exc:
-            outcome = _failure(exc)
-        self._futures.resolve(work.future, outcome)
+        self._futures.resolve(work.future, _outcome(compute))
 
     def _resolve_all(self, finished: list[tuple[Work, object]]) -> None:
         """Answer many works from their engine results (or exceptions) with one hand-over to the
         recorder: a decode step can finish dozens of requests at once."""
-        outcomes = []
-        for work, result in finished:
-            if isinstance(result, Exception):
-                outcome = _failure(result)
-            else:
-                try:
-                    outcome = work.finish(result)
-                except Exception as exc:
-                    outcome = _failure(exc)
-            outcomes.append((work.future, outcome))
-        self._futures.resolve_many(outcomes)
+        self._futures.resolve_many([
+            (work.future, _failure(result) if isinstance(result, Exception) else _outcome(work.finish, result))
+            for work, result in finished])
+
+
+def _outcome(compute: Callable[..., Outcome], *args: object) -> Outcome:
+    """What `compute(*args)` answers, or the failure it raised."""
+    try:
+        return compute(*args)
+    except Exception as exc:
+        return _failure(exc)
 
 
 def _failure(exc: Exception) -> Outcome:

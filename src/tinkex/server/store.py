@@ -156,12 +156,12 @@ class Store:
         self.migrate()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         requests, metrics = RequestRow.__table__, MetricRow.__table__
-        self._insert_request = _Prepared(self.engine, insert(requests), requests,
+        self._insert_request = _Prepared(self.engine, insert(requests),
                                          ["id", "tenant", "request_type", "status", "created_at"])
-        self._finish_request = _Prepared(
-            self.engine, update(requests).where(requests.c.id == bindparam("key")), requests,
-            ["status", "result_kind", "result", "error", "category", "finished_at"], key="id")
-        self._insert_metric = _Prepared(self.engine, insert(metrics), metrics,
+        self._finish_request = _Prepared(self.engine, update(requests),
+                                         ["status", "result_kind", "result", "error", "category", "finished_at"],
+                                         key="id")
+        self._insert_metric = _Prepared(self.engine, insert(metrics),
                                         ["training_run_id", "seq_id", "request_type", "metrics", "created_at"])
 
     def migrate(self) -> None:
@@ -273,13 +273,16 @@ class _Prepared:
     request. Values pass through the columns' own bind processors, so rows read back through the
     ORM exactly as if it had written them."""
 
-    def __init__(self, engine: Any, statement: Any, table: Any, columns: list[str], key: str | None = None):
+    def __init__(self, engine: Any, statement: Any, columns: list[str], key: str | None = None):
+        """`columns` are the values written; `key`, for an UPDATE, the column that picks the row."""
+        table, dialect = statement.table, engine.dialect
         statement = statement.values({name: bindparam(name) for name in columns})
-        compiled = statement.compile(dialect=engine.dialect)
+        if key is not None:
+            statement = statement.where(table.c[key] == bindparam("key"))
+        compiled = statement.compile(dialect=dialect)
         self.sql = str(compiled)
         self._order = compiled.positiontup if compiled.positional else None
-        self._key = key  # the column the WHERE clause matches, bound as "key"
-        dialect = engine.dialect
+        self._key = key
         self._process = {name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns}
 
     def params(self, **values: Any) -> Any:
