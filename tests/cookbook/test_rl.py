@@ -18,9 +18,15 @@ def test_group_advantages_are_centred():
 
 
 def test_rl_arithmetic_reward_rises(service_client, tmp_path):
-    """The recipe as shipped (head start, then importance-sampling RL): mean reward over the last
-    five steps beats the first five, sampling is on-policy, and the run is checkpointed."""
-    args = rl_arithmetic.parser().parse_args(["--log-dir", str(tmp_path), "--quiet"])
+    """The recipe (supervised head start, then importance-sampling RL): mean reward over the last
+    five steps beats the first five, sampling is on-policy, and the run is checkpointed.
+
+    On the `max` task with a short head start (60 steps), where the model is right ~15% of the
+    time and RL has room and signal: reward rose by 0.03-0.14 over seeds 0-3. The shipped default
+    (400 steps of `+`) leaves the tiny model either nearly solved or stuck depending on the seed,
+    with rises of -0.01 to +0.05 that float rounding alone moves."""
+    args = rl_arithmetic.parser().parse_args(["--log-dir", str(tmp_path), "--quiet", "--task", "max",
+                                              "--warmup-steps", "60"])
     result = rl_arithmetic.run(args, service_client=service_client)
     summary = rl_arithmetic.summary(result)
     assert summary["reward_last"] > summary["reward_first"] + 0.03, summary

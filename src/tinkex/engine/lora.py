@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import gemm
 from .api import LORA_ALPHA, LoraSpec
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -93,7 +94,7 @@ class LoraLinear(nn.Module):
             groups = routing.head_groups
         rows, shape = x.shape[0], (*x.shape[:-1], self.out_features)
         x = x.reshape(-1, x.shape[-1])  # [rows * positions, in]: every matmul below is 2-D
-        out = self.base(x)
+        out = gemm.linear(x, self.base.weight, self.base.bias)
         runs = self._runs(groups, rows, x.shape[0] // max(rows, 1))
         if runs is None:
             return out.view(shape)
@@ -101,7 +102,7 @@ class LoraLinear(nn.Module):
             # is not saved for the backward (a linear's needs its input), and at the head it is
             # [tokens, vocab], the biggest tensor of the forward.
             a, b, scale = runs[0][1]
-            return out.addmm_(x @ a.t(), b.t(), alpha=scale).view(shape)
+            return gemm.add_linear(out, gemm.linear(x, a), b, scale, in_place=True).view(shape)
         if torch.is_grad_enabled() and _uniform(runs):  # training; decoding keeps the per-adapter
             # matmuls, which read each adapter's weights once where stacking them copies them every step
             return _add_grouped_delta(out, x, [lora for _, lora in runs]).view(shape)
@@ -157,8 +158,8 @@ def _add_grouped_delta(out: torch.Tensor, x: torch.Tensor, loras: list[tuple]) -
 
 
 def _add_delta(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """out + scale * (x @ A^T) @ B^T for 2-D out and x, as one addmm."""
-    return torch.addmm(out, x @ a.t(), b.t(), alpha=scale)
+    """out + scale * (x @ A^T) @ B^T for 2-D out and x."""
+    return gemm.add_linear(out, gemm.linear(x, a), b, scale)
 
 
 def inject(model: nn.Module) -> tuple[Routing, dict[str, LoraLinear]]:
