@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +94,29 @@ def summary(times: list[float]) -> str:
     ordered = sorted(times)
     p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     return f"median {statistics.median(times) * 1e3:.1f} ms, p95 {p95 * 1e3:.1f} ms"
+
+
+@contextlib.contextmanager
+def start_server(where: str, data_dir: Path, models: list[str], key: str) -> Iterator[str]:
+    """A tinkex server for these models with this API key; yields its base URL. `where`: "process" --
+    `tinkex serve` in a process of its own, as deployed; "embedded" -- the embedded server in this
+    process, the cookbook's default, whose Python then shares one GIL with the benchmark's."""
+    if where == "embedded":
+        from tinkex.server import EmbeddedServer
+
+        with EmbeddedServer(data_dir=data_dir, api_keys={key: "bench"}, base_models=models) as server:
+            yield server.base_url
+        return
+    command = [sys.executable, "-m", "tinkex.cli", "serve", "--port", "0", "--data-dir", str(data_dir),
+               "--api-key", key] + [arg for model in models for arg in ("--model", model)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("tinkex serving on"):
+            line = server.stdout.readline()
+            if not line and server.poll() is not None:
+                raise RuntimeError(f"tinkex serve exited with {server.returncode}")
+        yield line.split()[-1]
+    finally:
+        server.terminate()
+        server.wait()

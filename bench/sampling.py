@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from _common import build_llama_30m
+from _common import build_llama_30m, start_server
 
 KEY = "tml-bench-key-000000"
 REQUESTS, NEW_TOKENS, PROMPT = 32, 64, 16
@@ -98,32 +94,6 @@ async def stack_runner(service, model_name: str, prompts: np.ndarray):
     return ttft, run
 
 
-@contextlib.contextmanager
-def serve_process(data_dir: Path, models: list[str]) -> Iterator[str]:
-    """`tinkex serve` in a process of its own, serving these models; yields its base URL."""
-    command = [sys.executable, "-m", "tinkex.cli", "serve", "--port", "0", "--data-dir", str(data_dir),
-               "--api-key", KEY] + [arg for model in models for arg in ("--model", model)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
-        line = ""
-        while not line.startswith("tinkex serving on"):
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                raise RuntimeError(f"tinkex serve exited with {server.returncode}")
-        yield line.split()[-1]
-    finally:
-        server.terminate()
-        server.wait()
-
-
-@contextlib.contextmanager
-def embedded(data_dir: Path, models: list[str]) -> Iterator[str]:
-    from tinkex.server import EmbeddedServer
-
-    with EmbeddedServer(data_dir=data_dir, api_keys={KEY: "b"}, base_models=models) as server:
-        yield server.base_url
-
-
 def main() -> None:
     import tinkex
 
@@ -137,8 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         llama = build_llama_30m(Path(tmp) / "llama-30m")
         models = [("tinkex/tiny-qwen3", "tinkex/tiny-qwen3"), ("Llama 32 M", str(llama))]
-        start_server = serve_process if args.server == "process" else embedded
-        with start_server(Path(tmp) / "data", [name for _, name in models]) as base_url:
+        with start_server(args.server, Path(tmp) / "data", [name for _, name in models], KEY) as base_url:
             service = tinkex.ServiceClient(base_url=base_url, api_key=KEY)
             where = "tinkex serve in its own process" if args.server == "process" else "the embedded server"
             print(f"{REQUESTS} concurrent requests x {NEW_TOKENS} new tokens, prompts of {PROMPT} tokens, through "

@@ -1,9 +1,12 @@
 """Training throughput: forward_backward + optim_step through the whole stack against raw PyTorch + peft.
 
-The same model, batch, LoRA rank and optimizer in both, in the same process: the built-in model and a
-~32 M-parameter Llama built on the fly. Prints tokens/s and the ratio (full stack / raw loop).
+The same model, batch, LoRA rank and optimizer in both: the built-in model and a ~32 M-parameter
+Llama built on the fly. The raw loop runs in this process; the full stack is the tinkex SDK in this
+process against `tinkex serve` in a process of its own (`--server embedded`: the embedded server in
+this process, the cookbook's default, whose Python shares one GIL with the SDK's). Prints tokens/s
+and the ratio (full stack / raw loop).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py [--steps 8]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py [--steps 8] [--server process|embedded]
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import build_llama_30m, random_batch, raw_peft_step_fn, timed, to_datums
+from _common import build_llama_30m, random_batch, raw_peft_step_fn, start_server, timed, to_datums
 
 KEY = "tml-bench-key-000000"
 
@@ -37,18 +40,18 @@ def full_stack_step_fn(service, model: str, batch, rank: int):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--server", choices=["process", "embedded"], default="process")
     args = parser.parse_args()
 
     import tinkex
-    from tinkex.server import EmbeddedServer
 
     with tempfile.TemporaryDirectory() as tmp:
         llama = build_llama_30m(Path(tmp) / "llama-30m")
         cases = [("tinkex/tiny-qwen3 (built in)", "tinkex/tiny-qwen3", 8, 128, 32),
                  ("Llama 32 M (hidden 512, 10 layers)", str(llama), 8, 128, 32)]
-        with EmbeddedServer(data_dir=Path(tmp) / "data", api_keys={KEY: "bench"},
-                            base_models=["tinkex/tiny-qwen3", str(llama)]) as server:
-            service = tinkex.ServiceClient(base_url=server.base_url, api_key=KEY)
+        with start_server(args.server, Path(tmp) / "data", ["tinkex/tiny-qwen3", str(llama)], KEY) as base_url:
+            service = tinkex.ServiceClient(base_url=base_url, api_key=KEY)
+            print(f"server: {'tinkex serve in its own process' if args.server == 'process' else 'embedded'}")
             print(f"{'model':38} {'batch':>9} {'raw torch+peft':>16} {'tinkex full stack':>18} {'ratio':>6}")
             for label, model, n, length, rank in cases:
                 batch = random_batch(n, length, 2000)
