@@ -95,3 +95,38 @@ def test_measured_choice_is_made_once(backend):
     assert isinstance(first, bool)
     assert gemm.onednn_is_faster.cache_info().misses == 1
     assert gemm.onednn_is_faster() is first and gemm.onednn_is_faster.cache_info().hits >= 1
+
+
+def test_packed_weight_gives_the_same_projection(backend):
+    backend("onednn")
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(1536, 512, generator=generator), torch.randn(1536, generator=generator)
+    packed = gemm.pack(weight)
+    assert packed is not None
+    for rows in (1, 32, 300):  # a decode step's rows, and a prefill's
+        x = torch.randn(rows, 512, generator=generator)
+        with torch.inference_mode():
+            torch.testing.assert_close(gemm.packed_linear(x, packed, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+    backend("torch")  # where oneDNN is not the library used, nothing is packed
+    assert gemm.pack(weight) is None
+
+
+@pytest.mark.parametrize("budget", [gemm.MAX_PACKED_BYTES, 0])
+def test_sampling_packs_the_weights_of_a_model_within_budget(backend, engine_hf_home, monkeypatch, budget):
+    """Decoding keeps packed copies of the built-in model's big projections (its head) -- unless
+    the model's weights exceed the budget for having them twice -- and samples the same tokens."""
+    from tinkex.engine import Engine, SampleJob
+
+    backend("onednn")
+    monkeypatch.setattr(gemm, "MAX_PACKED_BYTES", budget)
+    engine = Engine(hf_home=engine_hf_home)
+    job = SampleJob("tinkex/tiny-qwen3", None, list(range(3, 35)), max_tokens=6, seed=4, stop_token_ids=[],
+                    num_samples=32)  # 32 rows: the head's product is over oneDNN's threshold
+    (result,) = engine.sample([job])
+    head = engine._bases["tinkex/tiny-qwen3"].modules["lm_head"]
+    assert (head._packed is not None) == (budget > 0)
+
+    backend("torch")  # a fresh engine with torch's own matmuls draws the same tokens from the same seed
+    (reference,) = Engine(hf_home=engine_hf_home).sample([job])
+    assert [list(s.tokens) for s in result.sequences] == [list(s.tokens) for s in reference.sequences]

@@ -73,6 +73,8 @@ class LoraLinear(nn.Module):
         # adapter id -> (A [rank, in], B [out, rank], scale). A plain dict, not registered
         # parameters: model.parameters() stays the frozen base weights, however many tenants.
         self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.packable = False  # whether inference may keep a packed copy of the base weight (gemm.pack)
+        self._packed: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -94,7 +96,7 @@ class LoraLinear(nn.Module):
             groups = routing.head_groups
         rows, shape = x.shape[0], (*x.shape[:-1], self.out_features)
         x = x.reshape(-1, x.shape[-1])  # [rows * positions, in]: every matmul below is 2-D
-        out = gemm.linear(x, self.base.weight, self.base.bias)
+        out = self._base_output(x)
         runs = self._runs(groups, rows, x.shape[0] // max(rows, 1))
         if runs is None:
             return out.view(shape)
@@ -115,6 +117,19 @@ class LoraLinear(nn.Module):
         pieces = [o if lora is None else _add_delta(o, xi, *lora)
                   for o, xi, (_, lora) in zip(out.split(sizes), x.split(sizes), runs)]
         return torch.cat(pieces).view(shape)
+
+    def _base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen projection of 2-D x: from the packed copy of the weight when nothing trains
+        (made on first use), else gemm.linear."""
+        weight = self.base.weight
+        if (self.packable and not torch.is_grad_enabled()
+                and x.shape[0] * weight.shape[0] * weight.shape[1] >= gemm.MIN_ONEDNN_MACS):
+            if self._packed is None:
+                self._packed = gemm.pack(weight)
+                self.packable = self._packed is not None
+            if self._packed is not None:
+                return gemm.packed_linear(x, self._packed, self.base.bias)
+        return gemm.linear(x, weight, self.base.bias)
 
     def _runs(self, groups: list[Group], rows: int, positions: int) -> list[tuple[int, tuple | None]] | None:
         """The rows cut into runs, (flattened row count -- rows x `positions` per row --, this module's

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import builtin, lora
+from . import builtin, gemm, lora
 from .api import BUILTIN_MODEL, BaseModelInfo, EngineError
 from .util import quiet_progress
 
@@ -88,6 +88,12 @@ class BaseModel:
         model = model.to(device=self.device, dtype=torch.float32).eval()
         model.requires_grad_(False)
         self.routing, self.modules = lora.inject(model)
+        # Sampling may keep oneDNN-packed copies of the projection weights (gemm.pack) if they are small
+        # enough to have twice. A tied head shares its weight with the embedding: counted once.
+        weights = {id(m.base.weight): m.base.weight for m in self.modules.values()}.values()
+        if sum(w.numel() * w.element_size() for w in weights) <= gemm.MAX_PACKED_BYTES:
+            for module in self.modules.values():
+                module.packable = True
         self._model = model
 
     @property
