@@ -264,14 +264,15 @@ class DecodeBatch:
         params = self.params
         tokens = draws.choose(logits, params.temperature, params.top_k, params.top_p, params.keys, params.steps)
         params.steps += 1
-        # Reported logprobs are the unmodified distribution's: logit - logsumexp, at temperature 1.
-        normalizer = logits.logsumexp(-1)
+        # Reported logprobs are the unmodified distribution's, at temperature 1. (log_softmax rather
+        # than logit - logsumexp: logsumexp's exp goes through MKL's vector math, slow on non-Intel CPUs.)
+        logprobs = logits.log_softmax(-1)
         token_list = tokens.tolist()
-        token_lp = (logits.gather(1, tokens[:, None]).squeeze(1) - normalizer).tolist()
+        token_lp = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
         k_max = max(job.job.topk_sample_logprobs for job, _ in self.rows)
         if k_max:
-            top = logits.topk(k_max, dim=-1)
-            top_ids, top_values = top.indices.cpu().numpy(), (top.values - normalizer[:, None]).cpu().numpy()
+            top = logprobs.topk(k_max, dim=-1)
+            top_ids, top_values = top.indices.cpu().numpy(), top.values.cpu().numpy()
         survivors, finished = [], []
         for r, (job, s) in enumerate(self.rows):
             job.rows[s].append(token_list[r])
