@@ -36,7 +36,7 @@ MAX_PACKED_BYTES = 2 << 30
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for 2-D x, through oneDNN where that is faster (see the module doc)."""
-    if _use_onednn(x, weight):
+    if worth_onednn(x, weight):
         return _OneDnnLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -45,7 +45,7 @@ def add_linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, alpha: 
                in_place: bool = False) -> torch.Tensor:
     """out + alpha * x @ weight.T for 2-D out and x (in place into `out` if asked): one fused addmm
     where oneDNN is not used."""
-    if _use_onednn(x, weight):
+    if worth_onednn(x, weight):
         product = _OneDnnLinear.apply(x, weight, None)
         return out.add_(product, alpha=alpha) if in_place else torch.add(out, product, alpha=alpha)
     if in_place:
@@ -69,7 +69,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return _onednn(x, packed, bias)
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def worth_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T (2-D x) goes through oneDNN here: float32 on CPU, big enough, and oneDNN
+    the faster library on this machine."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and x.shape[0] * weight.shape[0] * weight.shape[1] >= MIN_ONEDNN_MACS and onednn_is_faster())
 

@@ -122,8 +122,7 @@ class LoraLinear(nn.Module):
         """The frozen projection of 2-D x: from the packed copy of the weight when nothing trains
         (made on first use), else gemm.linear."""
         weight = self.base.weight
-        if (self.packable and not torch.is_grad_enabled()
-                and x.shape[0] * weight.shape[0] * weight.shape[1] >= gemm.MIN_ONEDNN_MACS):
+        if self.packable and not torch.is_grad_enabled() and gemm.worth_onednn(x, weight):
             if self._packed is None:
                 self._packed = gemm.pack(weight)
                 self.packable = self._packed is not None
