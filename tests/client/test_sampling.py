@@ -137,6 +137,30 @@ def test_pickled_sampling_client_samples_in_a_spawned_process(base_sampler, prom
     assert sequence_id != here.sequences[0].sequence_id
 
 
+def _sample_in_forked_child(base_url, prompt_tokens, queue):
+    sampler = tinkex.ServiceClient(base_url=base_url, api_key=ALICE).create_sampling_client(base_model=MODEL)
+    response = sampler.sample(types.ModelInput.from_ints(prompt_tokens), 1,
+                              types.SamplingParams(max_tokens=5, seed=11)).result(60)
+    queue.put(response.sequences[0].tokens)
+
+
+def test_a_forked_process_samples_after_its_parent_did(server, base_sampler, prompt):
+    """The sampling pool's pyqwest runs its I/O on threads a fork does not copy: a child forked after
+    the parent sampled must fall back to httpx, not wait forever."""
+    here = base_sampler.sample(prompt, 1, types.SamplingParams(max_tokens=5, seed=11)).result(60)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_sample_in_forked_child, args=(server.base_url, prompt.to_ints(), queue))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == here.sequences[0].tokens
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+
+
 def test_sampler_handle_round_trip(base_sampler, prompt):
     handle = base_sampler.get_sampler_handle()
     assert ALICE not in handle

@@ -1,5 +1,6 @@
 """Transport: retries, backoff, Retry-After, x-should-retry, idempotency keys and typed errors,
-against a real HTTP server on loopback that answers from a script."""
+against a real HTTP server on loopback that answers from a script -- each through both HTTP
+transports the SDK uses (httpx's own, and pyqwest's for sampling)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ from tinkex.client._transport import Transport, current_sdk_method, retry_delay,
 from ._http import Reply
 
 KEY = "tml-test-key"
+
+
+@pytest.fixture(autouse=True, params=["httpx", "pyqwest"])
+def http_transport(request, monkeypatch) -> str:
+    """Every test here runs with every pool on httpx, then with every pool on pyqwest: the retry
+    rules and typed errors must not depend on which one carries a request."""
+    monkeypatch.setenv("TINKEX_HTTP_TRANSPORT", request.param)
+    return request.param
+
+
+def test_the_chosen_transport_carries_the_request(scripted, http_transport):
+    """The server sees the two clients differently -- httpx writes `connection: keep-alive`,
+    pyqwest's hyper leaves it to HTTP/1.1's default -- so the request really took the chosen one."""
+    scripted.script("/api/v1/which", Reply(200, {}))
+    _request(Transport(scripted.base_url, KEY), "POST", "/api/v1/which", json={}, purpose="train")
+    (record,) = scripted.requests_to("/api/v1/which")
+    assert ("connection" in record.headers) == (http_transport == "httpx")
 
 
 def _request(transport: Transport, *args, **kwargs):

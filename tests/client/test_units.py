@@ -119,3 +119,24 @@ def test_exceptions_pickle():
                   types.RequestFailedError("boom", "req-1", "user")]:
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error)
+
+
+def test_sampling_pool_uses_pyqwest_and_the_rest_httpx(monkeypatch):
+    """Sampling (many requests in flight) rides pyqwest's transport, everything else httpx's own;
+    TINKEX_HTTP_TRANSPORT puts every pool on one of them."""
+    import httpx
+    from pyqwest.httpx import AsyncPyqwestTransport
+
+    from tinkex.client._transport import Transport
+
+    def pool(purpose: str):
+        return Transport("http://127.0.0.1:1", "tml-test-key").client(purpose)._transport
+
+    monkeypatch.delenv("TINKEX_HTTP_TRANSPORT", raising=False)
+    assert isinstance(pool("sample"), AsyncPyqwestTransport)
+    for purpose in ("session", "train", "retrieve", "rest", "telemetry"):
+        assert isinstance(pool(purpose), httpx.AsyncHTTPTransport)
+    monkeypatch.setenv("TINKEX_HTTP_TRANSPORT", "httpx")
+    assert isinstance(pool("sample"), httpx.AsyncHTTPTransport)
+    monkeypatch.setenv("TINKEX_HTTP_TRANSPORT", "pyqwest")
+    assert isinstance(pool("train"), AsyncPyqwestTransport)

