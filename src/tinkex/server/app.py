@@ -60,7 +60,9 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
 
     app = FastAPI(title="tinkex", summary="A Tinker-compatible fine-tuning server", lifespan=lifespan)
     app.state.runtime = runtime
-    for module in (service, training, sampling, futures, rest, downloads, uploads, openai, dashboard):
+    # Routes are matched in this order, one pattern at a time: the calls every training step and
+    # every sample make (retrieve_future, asample, forward_backward, optim_step) come first.
+    for module in (futures, sampling, training, service, rest, downloads, uploads, openai, dashboard):
         app.include_router(module.router)
     metrics.install(app, runtime)  # GET /metrics (Prometheus text) and per-route request metrics
 
