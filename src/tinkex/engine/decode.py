@@ -70,10 +70,12 @@ class LeanDecoder:
         finally:
             routing.clear()
 
-    def forward_sequences(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward_sequences(self, input_ids: torch.Tensor,
+                          keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Whole right-padded rows [b, t] from position 0, with causal attention (a real token never
-        sees a pad to its right), and no cache: the training forward. Returns the head's output --
-        what the routing's head_index keeps, or [b, t, vocab]."""
+        sees a pad to its right): the training forward, and the sampler's prefill, which passes
+        `keys_values` to get each layer's keys and values [b, kv heads, t, head_dim] appended.
+        Returns the head's output -- what the routing's head_index keeps, or [b, t, vocab]."""
         b, t = input_ids.shape
         hidden = self.inner.embed_tokens(input_ids)  # [b, t, hidden]
         positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
@@ -81,8 +83,10 @@ class LeanDecoder:
         cos, sin = cos[:, :, None], sin[:, :, None]
         for layer in self.layers:
             q, k, v = self._qkv(layer, hidden, cos, sin)  # [b, t, heads, head_dim]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, scale=self.scaling,
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            if keys_values is not None:
+                keys_values.append((k, v))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scaling,
                                                  enable_gqa=self.kv_heads != self.heads)
             hidden = _finish_layer(layer, hidden, out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         return self.head(self.inner.norm(hidden))

@@ -3,9 +3,10 @@
 `DenseCache` serves the architectures that have a lean decoder (decode.py): per layer, preallocated
 key/value buffers [rows, kv heads, length, head dim] whose capacity doubles when it runs out. Every
 row starts at column 0 (its first prompt token) and has its own length; a decode step writes each
-row's new key and value at that row's length and attends to the columns below it. Rows join by a
-copy into the rows after the running ones, and leave by one gather that closes the gaps: no padding,
-no concatenation per step. `new_cache` picks it where it can.
+row's new key and value at that row's length and attends to the columns below it. Prompts are
+prefilled by the lean decoder too. Rows join by a copy into the rows after the running ones, and
+leave by one gather that closes the gaps: no padding, no concatenation per step. `new_cache` picks
+it where it can.
 
 `RowCache` is the general one, for any model the Hugging Face forward runs. Rows are left-padded
 to a common cache width: each row has its own attention mask (zeros over its padding) and its own
@@ -174,21 +175,24 @@ class DenseCache:
 
     def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, owners: list[str | None],
                 head: tuple[torch.Tensor, list]) -> torch.Tensor:
-        """As RowCache.prefill (the prompts go through the Hugging Face forward once); the prompts'
-        keys and values then move into this cache, each row shifted to start at column 0."""
+        """As RowCache.prefill, through the lean decoder: the left-padded prompts are shifted to start
+        at column 0 (right padding, as this cache keeps rows), run once with causal attention, and
+        every layer's keys and values become the cache as they are."""
         assert self.rows == 0, "prefill starts a cache"
-        padded = RowCache(self.base)
-        logits = padded.prefill(input_ids, attention, owners, head)
-        layers = _layers(padded.cache)
-        assert layers is not None, "a lean-decoded model keeps a plain dynamic cache"
-        keys = torch.stack([layer.keys for layer in layers])  # [layers, rows, kv heads, width, head dim]
-        values = torch.stack([layer.values for layer in layers])
         lengths = attention.sum(-1)
-        width = keys.shape[3]
-        # Left padding: row r's tokens sit in columns width - length .. width - 1.
-        source = (torch.arange(width, device=self.device)[None, :] + (width - lengths)[:, None]).clamp(max=width - 1)
-        index = source[None, :, None, :, None].expand_as(keys)
-        self.keys, self.values = keys.gather(3, index), values.gather(3, index)
+        width = input_ids.shape[1]
+        shift = width - lengths  # row r's tokens sit in columns shift[r] .. width - 1
+        source = (torch.arange(width, device=self.device)[None, :] + shift[:, None]).clamp(max=width - 1)
+        head_index, head_groups = head
+        # The kept positions, moved with their rows; the pads' ids are never attended by a real token.
+        self.base.routing.set(lora.groups_from_owners(owners), head_index - shift[head_index // width], head_groups)
+        keys_values: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            logits = self.decoder.forward_sequences(input_ids.gather(1, source), keys_values)
+        finally:
+            self.base.routing.clear()
+        self.keys = torch.stack([k for k, _ in keys_values])  # [layers, rows, kv heads, width, head dim]
+        self.values = torch.stack([v for _, v in keys_values])
         self.lengths, self.max_length = lengths, int(lengths.max())
         return logits
 
