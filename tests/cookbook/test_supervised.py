@@ -88,6 +88,55 @@ def test_resume_continues_from_the_last_checkpoint(service_client, conversations
         assert continued[step] == pytest.approx(reference[step], rel=1e-3, abs=1e-4), (step, continued, reference)
 
 
+class _Recording:
+    """A training client that notes when each forward_backward is sent and when its result is awaited."""
+
+    def __init__(self, client, events: list[str]):
+        self._client, self._events, self._sent = client, events, 0
+
+    def forward_backward(self, *args, **kwargs):
+        index, self._sent = self._sent, self._sent + 1
+        self._events.append(f"send {index}")
+        future, events = self._client.forward_backward(*args, **kwargs), self._events
+
+        class Recorded:
+            def result(self, *a, **k):
+                events.append(f"wait {index}")
+                return future.result(*a, **k)
+        return Recorded()
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_steps_are_pipelined_and_compute_what_one_at_a_time_does(service_client, conversations, tmp_path,
+                                                                  monkeypatch):
+    """Step N+1 is sent before step N is awaited, and every step's loss is the one-at-a-time loop's."""
+    train, _ = conversations
+    events: list[str] = []
+    start_run = supervised.start_run
+
+    def recording_start(config, client):
+        client, types, log_dir, training_client, start = start_run(config, client)
+        return client, types, log_dir, _Recording(training_client, events), start
+
+    monkeypatch.setattr(supervised, "start_run", recording_start)
+    losses = {}
+    for ahead in (0, 1):
+        events.clear()
+        config = supervised.SLConfig(log_dir=str(tmp_path / str(ahead)), batch_size=8, learning_rate=5e-3,
+                                     max_steps=6, num_epochs=100, eval_every=0, save_every=3, quiet=True,
+                                     submit_ahead=ahead)
+        supervised.train(config, train, service_client=service_client)
+        losses[ahead] = [r["train/nll"] for r in read_metrics(tmp_path / str(ahead)) if "train/nll" in r]
+        if ahead == 0:
+            assert events[:4] == ["send 0", "wait 0", "send 1", "wait 1"]
+        else:  # ahead by one; the checkpoint after step 3 waits for everything sent
+            assert events == ["send 0", "send 1", "wait 0", "send 2", "wait 1", "wait 2",
+                              "send 3", "send 4", "wait 3", "send 5", "wait 4", "wait 5"]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
+
+
 def test_batches_are_a_function_of_seed_and_index():
     from tinkex.cookbook.data import Example
 

@@ -6,12 +6,18 @@
     every save_every steps: save_state, recorded in checkpoints.jsonl
     on start: resume weights + optimizer from the last checkpoint of log_dir, if any
 
+Steps are pipelined: step N+1's requests go out before step N's results are awaited (`submit_ahead`),
+so the server has the next batch queued while it trains on this one and never waits for a round trip.
+Requests of one training client run in the order they were sent, so what each step computes is the
+same as without pipelining; checkpoints are saved with nothing in flight.
+
 Read it top to bottom; everything it does is in `train`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +61,7 @@ class SLConfig:
     table_every: int = 10
     show_progress: bool = True
     quiet: bool = False
+    submit_ahead: int = 1  # steps sent before the oldest in flight is awaited (0: one step at a time)
 
 
 @dataclass
@@ -91,33 +98,24 @@ def train(config: SLConfig, train_conversations: Sequence[Sequence[Message]],
 
     last: dict[str, Any] = {}
     test_nll = None
+    in_flight: deque[tuple[int, Any, Any, list, float, dict[str, Any]]] = deque()
     with MetricsLogger(log_dir, total_steps, title="sl", headline="train/nll", start_step=start_step,
                        table_every=config.table_every, console=console, show_progress=config.show_progress,
                        quiet=config.quiet,
                        table_keys=["train/nll", "test/nll", "lr", "tokens_per_s", "epoch"]) as log:
         if start_step:
             log.print(f"resumed from step {start_step} ({log_dir / 'checkpoints.jsonl'})")
-        for step in range(start_step, total_steps):
-            started = time.time()
-            metrics: dict[str, Any] = {}
-            if test_examples and due(config.eval_every, step):
-                test_nll = metrics["test/nll"] = held_out_nll(training_client, test_examples, types)
+        finished = time.time()
 
-            batch = train_set.get_batch(step)
-            data = [make_datum(types, e.tokens, weights=e.weights) for e in batch]
-            lr = config.learning_rate * lr_multiplier(config.lr_schedule, step, total_steps, config.warmup_steps)
-            adam = types.AdamParams(learning_rate=lr, beta1=config.adam_beta1, beta2=config.adam_beta2,
-                                    eps=config.adam_eps, weight_decay=config.weight_decay,
-                                    grad_clip_norm=config.grad_clip_norm)
-            # Both requests go out before we wait: the server runs them in order.
-            fb_future = training_client.forward_backward(data, "cross_entropy")
-            optim_future = training_client.optim_step(adam)
+        def finish_oldest() -> None:
+            """Wait for the oldest step in flight and log it."""
+            nonlocal last, finished
+            step, fb_future, optim_future, batch, lr, metrics = in_flight.popleft()
             fb = fb_future.result()
             optim_future.result()
-
             loss_tokens = sum(e.num_loss_tokens for e in batch)
             num_tokens = sum(len(e.tokens) - 1 for e in batch)
-            elapsed = time.time() - started
+            elapsed, finished = time.time() - finished, time.time()  # since the step before it finished
             metrics.update({
                 "train/nll": float(fb.metrics["loss:sum"]) / max(loss_tokens, 1e-9),
                 "lr": lr,
@@ -129,9 +127,29 @@ def train(config: SLConfig, train_conversations: Sequence[Sequence[Message]],
             })
             log.log(step, metrics)
             last = metrics
+
+        for step in range(start_step, total_steps):
+            metrics: dict[str, Any] = {}
+            if test_examples and due(config.eval_every, step):  # runs after the steps already sent
+                test_nll = metrics["test/nll"] = held_out_nll(training_client, test_examples, types)
+
+            batch = train_set.get_batch(step)
+            data = [make_datum(types, e.tokens, weights=e.weights) for e in batch]
+            lr = config.learning_rate * lr_multiplier(config.lr_schedule, step, total_steps, config.warmup_steps)
+            adam = types.AdamParams(learning_rate=lr, beta1=config.adam_beta1, beta2=config.adam_beta2,
+                                    eps=config.adam_eps, weight_decay=config.weight_decay,
+                                    grad_clip_norm=config.grad_clip_norm)
+            in_flight.append((step, training_client.forward_backward(data, "cross_entropy"),
+                              training_client.optim_step(adam), batch, lr, metrics))
+            while len(in_flight) > config.submit_ahead:
+                finish_oldest()
             if due(config.save_every, step + 1) and step + 1 < total_steps:
+                while in_flight:
+                    finish_oldest()
                 save_checkpoint(training_client, log_dir, step + 1, kind="state",
                                 epoch=(step + 1) // train_set.batches_per_epoch)
+        while in_flight:
+            finish_oldest()
 
         # The end: final held-out NLL and a checkpoint with both training state and sampler weights.
         final: dict[str, Any] = {}
