@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -44,7 +45,7 @@ class TensorData(WireModel):
                 raise ValueError("sparse_crow_indices must have nrows + 1 entries")
             if len(self.sparse_col_indices or []) != len(self.data):
                 raise ValueError("sparse_col_indices must have one entry per value")
-        elif self.shape is not None and int(np.prod(self.shape)) != len(self.data):
+        elif self.shape is not None and math.prod(self.shape) != len(self.data):
             raise ValueError(f"shape {self.shape} does not match {len(self.data)} values")
         return self
 
