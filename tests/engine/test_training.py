@@ -14,6 +14,7 @@ from tinkex.engine import (
     ForwardBackwardJob,
     LoraSpec,
     SampleJob,
+    training,
 )
 
 from .conftest import (
@@ -89,7 +90,12 @@ CASES = {
 }
 
 
-def _make_data(rng, ref_model, leaves, scale, loss_fn, soft=False, mask=False):
+GATED = ("cross_entropy", "importance_sampling", "ppo", "cispo", "gspo")  # the losses with a gradient gate
+
+
+def _make_data(rng, ref_model, leaves, scale, loss_fn, soft=False, mask=False, prompt=False):
+    """Three datums for `loss_fn`; with `prompt`, the gate input (weights or advantages) is zero over
+    the leading two thirds of each datum, as for chat or RL data whose prompt carries no loss."""
     data = []
     for i, length in enumerate((5, 11, 3)):
         d = random_datum(rng, length)
@@ -106,23 +112,31 @@ def _make_data(rng, ref_model, leaves, scale, loss_fn, soft=False, mask=False):
             d.inputs["advantages"] = rng.normal(size=length).astype(np.float32)
             if mask:  # some tokens out of the sequence ratio, and a datum with none in it (s = 1)
                 d.inputs["sequence_ratio_mask"] = (rng.random(length) < 0.6).astype(np.float32) * (i != 2)
+        if prompt:
+            d.inputs["weights" if loss_fn == "cross_entropy" else "advantages"][: 2 * length // 3] = 0
         data.append(d)
     return data
 
 
-@pytest.mark.parametrize("case", [*CASES, "cross_entropy-2d"])
-def test_loss_matches_reference(engine, ref_model, new_id, case):
+@pytest.mark.parametrize("case", [*CASES, "cross_entropy-2d", *(f"{loss}-prompt" for loss in GATED)])
+def test_loss_matches_reference(engine, ref_model, new_id, case, monkeypatch):
+    """`-prompt` cases: most tokens carry no gradient, so the unembedding's backward runs over the
+    others only (training._gated_target_logprobs) -- and must still give the reference's gradient."""
     loss_fn = case.split("-")[0]
-    reference, config = CASES.get(case, CASES["cross_entropy"])
+    reference, config = CASES.get(case, CASES[loss_fn])
     aid = new_id()
     engine.create_adapter(aid, M, LoraSpec(rank=4, seed=11))
     randomize_b(engine, aid, seed=5)
     scale = LORA_ALPHA / 4
     leaves = leaf_copies(engine, aid)
     data = _make_data(np.random.default_rng(len(case)), ref_model, leaves, scale, loss_fn, soft=case.endswith("2d"),
-                      mask=case.endswith("mask"))
+                      mask=case.endswith("mask"), prompt=case.endswith("prompt"))
+    gated = []
+    split = training._gated_target_logprobs
+    monkeypatch.setattr(training, "_gated_target_logprobs", lambda *a, **k: gated.append(1) or split(*a, **k))
 
     (result,) = engine.forward_backward([ForwardBackwardJob(aid, data, loss_fn, loss_fn_config=config)])
+    assert bool(gated) == case.endswith("prompt")
 
     ref_total = 0
     for d, out in zip(data, result.outputs):

@@ -71,11 +71,13 @@ class LeanDecoder:
             routing.clear()
 
     def forward_sequences(self, input_ids: torch.Tensor,
-                          keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                          keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None, *,
+                          head: bool = True) -> torch.Tensor:
         """Whole right-padded rows [b, t] from position 0, with causal attention (a real token never
         sees a pad to its right): the training forward, and the sampler's prefill, which passes
         `keys_values` to get each layer's keys and values [b, kv heads, t, head_dim] appended.
-        Returns the head's output -- what the routing's head_index keeps, or [b, t, vocab]."""
+        Returns the head's output -- what the routing's head_index keeps, or [b, t, vocab] -- or with
+        `head=False` the final-normed hidden states [b, t, hidden] the head would read."""
         b, t = input_ids.shape
         hidden = self.inner.embed_tokens(input_ids)  # [b, t, hidden]
         positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
@@ -89,7 +91,8 @@ class LeanDecoder:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scaling,
                                                  enable_gqa=self.kv_heads != self.heads)
             hidden = _finish_layer(layer, hidden, out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-        return self.head(self.inner.norm(hidden))
+        hidden = self.inner.norm(hidden)
+        return self.head(hidden) if head else hidden
 
     def _qkv(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """A layer's rotated queries, keys and values for `hidden` [..., hidden]: [..., heads, head_dim]."""

@@ -101,6 +101,19 @@ def _fraction(mask: torch.Tensor) -> float:
     return mask.float().mean().item() if mask.numel() else 0.0
 
 
+# The input that is zero wherever the loss's gradient with respect to lp is zero (the weight, or the
+# advantage, multiplies every term the gradient flows through). Training runs the unembedding's
+# backward only over the positions where it is non-zero: prompt tokens of supervised data and of RL
+# samples cost a forward only. dro and stable_reinforce have none: their drift and KL terms pull on
+# every token.
+_GRADIENT_GATES: dict[str, str] = {
+    "cross_entropy": "weights",
+    "importance_sampling": "advantages",
+    "ppo": "advantages",
+    "cispo": "advantages",
+    "gspo": "advantages",  # the sequence ratio is built from sg(lp): only A * grad(lp) flows
+}
+
 _FUNCTIONS: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
@@ -119,10 +132,11 @@ class LossDef:
     required: tuple[str, ...]  # float inputs besides target_tokens
     optional: tuple[str, ...]  # float inputs that are all ones when missing
     soft_targets: bool  # accepts target_tokens [T, K] with weights [T, K]
+    gradient_gate: str | None  # see _GRADIENT_GATES
 
 
 def lookup(name: str) -> LossDef:
     spec = loss_spec(name)  # EngineError for unknown names
     return LossDef(_FUNCTIONS[name], tuple(k for k in spec.required if k != "target_tokens"), spec.optional,
-                   spec.soft_targets)
+                   spec.soft_targets, _GRADIENT_GATES.get(name))
 

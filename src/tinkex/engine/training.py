@@ -178,16 +178,25 @@ def _run_batch(base: BaseModel, jobs: list[PreparedJob]) -> dict[int, tuple]:
     offsets = np.concatenate([[0], np.cumsum(lengths)])  # row -> its first real token among the kept
     token_groups = [(a, int(offsets[s]), int(offsets[e])) for a, s, e in row_groups]
 
+    targets = [job.targets for job in jobs]
     with torch.set_grad_enabled(any(job.train for job in jobs)):
-        routing.set(row_groups, torch.from_numpy(keep).to(device), token_groups)
+        kept = torch.from_numpy(keep).to(device)
+        routing.set(row_groups, kept, token_groups)
         try:
             ids = torch.from_numpy(batch).to(device)
             lean = decode.for_model(base)  # the same modules without the Hugging Face forward's plumbing
-            logits = lean.forward_sequences(ids) if lean is not None else model(input_ids=ids, use_cache=False).logits
+            trained = _trained_positions(jobs) if lean is not None and torch.is_grad_enabled() else None
+            if trained is not None:
+                lps = _gated_target_logprobs(lean.head, routing, lean.forward_sequences(ids, head=False), trained,
+                                             targets, kept, token_groups)
+            else:
+                logits = lean.forward_sequences(ids) if lean is not None else model(input_ids=ids, use_cache=False).logits
         finally:
             routing.clear()
+        if trained is None:
+            lps = _target_logprobs(logits.float(), targets, device)
         total, raw = None, {}
-        for job, lp in zip(jobs, _target_logprobs(logits.float(), [job.targets for job in jobs], device)):
+        for job, lp in zip(jobs, lps):
             inputs = {k: torch.from_numpy(v).to(device) for k, v in job.inputs.items()}
             lengths = torch.tensor(job.lengths, dtype=torch.long, device=device)
             loss, metrics = job.loss.fn(lp, inputs, job.config, lengths)
@@ -210,6 +219,51 @@ def _target_logprobs(logits: torch.Tensor, targets: list[np.ndarray], device) ->
         return list(TargetLogprobs.apply(logits, flat[:, None]).view(-1).split(sizes))
     return [TargetLogprobs.apply(piece, torch.from_numpy(t).to(device).view(len(t), -1)).view(t.shape)
             for piece, t in zip(logits.split(sizes), targets)]
+
+
+def _trained_positions(jobs: list[PreparedJob]) -> np.ndarray | None:
+    """Which kept positions' logprobs can move a training loss (bool [N]): those whose loss's gate
+    input is non-zero (losses.py). None -- the unembedding's backward simply runs over every position --
+    when a job has soft targets or a loss without a gate, or when fewer than a quarter of the
+    positions are spared (a second, smaller pass through the head would not pay for itself)."""
+    parts = []
+    for job in jobs:
+        if job.targets.ndim != 1:
+            return None
+        if not job.train:
+            parts.append(np.zeros(len(job.targets), bool))
+        elif job.loss.gradient_gate is None:
+            return None
+        else:
+            parts.append(job.inputs[job.loss.gradient_gate] != 0)
+    trained = np.concatenate(parts)
+    return trained if trained.sum() <= 0.75 * trained.size else None
+
+
+def _gated_target_logprobs(head, routing: lora.Routing, hidden: torch.Tensor, trained: np.ndarray,
+                           targets: list[np.ndarray], kept: torch.Tensor,
+                           token_groups: list[lora.Group]) -> list[torch.Tensor]:
+    """What _target_logprobs gives, with the unembedding run twice over the final hidden states: with
+    gradient for the `trained` positions, without for the others. Same values; the backward through
+    the head and its [positions, vocab] log-softmax covers the trained positions only (for chat data
+    the prompt tokens, most of a batch, cost a forward only)."""
+    flat = torch.from_numpy(np.concatenate(targets)).to(kept.device)
+    lp = torch.zeros(len(flat), device=kept.device)
+    for with_grad in (True, False):
+        chosen = np.flatnonzero(trained == with_grad)
+        if not len(chosen):
+            continue
+        where = torch.from_numpy(chosen).to(kept.device)
+        # The head keeps these positions; each adapter's run of them, renumbered along `chosen`.
+        groups = [(a, int(lo), int(hi)) for a, s, e in token_groups
+                  for lo, hi in [np.searchsorted(chosen, [s, e])] if hi > lo]
+        routing.set(routing.groups, kept[where], groups)
+        with torch.set_grad_enabled(with_grad):
+            logits = head(hidden).float()
+            index = flat[where][:, None]
+            values = TargetLogprobs.apply(logits, index) if with_grad else logits.log_softmax(-1).gather(1, index)
+        lp = lp.index_put((where,), values.view(-1))
+    return list(lp.split([len(t) for t in targets]))
 
 
 LOG2_E = 1.4426950408889634
