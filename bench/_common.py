@@ -18,21 +18,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def build_llama_30m(directory: Path) -> Path:
     """A ~32 M-parameter Llama (hidden 512, 10 layers, vocabulary 2048), random-init, saved once."""
+    return build_llama(directory, vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=10,
+                       num_attention_heads=8, num_key_value_heads=4)
+
+
+def build_llama_wide_vocab(directory: Path) -> Path:
+    """A Llama whose unembedding outweighs its layers, as in real models (a 32,768-token vocabulary,
+    hidden 384, 4 layers: 12.6 M of its 17.3 M parameters are the tied embedding), saved once."""
+    return build_llama(directory, vocab_size=32768, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                       num_attention_heads=6, num_key_value_heads=2)
+
+
+def build_llama(directory: Path, **config) -> Path:
     if (directory / "config.json").exists():
         return directory
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tinkex.engine import builtin
 
-    config = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=10,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    from transformers import AutoTokenizer
-
-    # The built-in model's tokenizer (2,048 tokens) serves the bigger model too.
+    LlamaForCausalLM(LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=True, **config)
+                     ).save_pretrained(directory)
+    # The built-in model's tokenizer (2,048 tokens) serves these models too.
     snapshot = builtin.materialize(builtin.hub_cache_dir())
     AutoTokenizer.from_pretrained(snapshot).save_pretrained(directory)
     return directory
@@ -48,15 +56,26 @@ def random_batch(n: int, length: int, vocab: int, seed: int = 0) -> list[tuple[n
     return batch
 
 
-def to_datums(types, batch):
+def reply_weights(batch, share: float) -> np.ndarray:
+    """Loss weights [rows, length] that train only the last `share` of each row, as chat data trains
+    the reply and not the prompt (1.0: every token)."""
+    length = len(batch[0][1])
+    weights = np.zeros((len(batch), length), np.float32)
+    weights[:, length - round(share * length):] = 1
+    return weights
+
+
+def to_datums(types, batch, weights: np.ndarray | None = None):
+    weights = np.ones((len(batch), len(batch[0][1])), np.float32) if weights is None else weights
     return [types.Datum(model_input=types.ModelInput.from_ints(inp.tolist()),
-                        loss_fn_inputs={"target_tokens": tgt.astype(np.int64),
-                                        "weights": np.ones(len(tgt), dtype=np.float32)})
-            for inp, tgt in batch]
+                        loss_fn_inputs={"target_tokens": tgt.astype(np.int64), "weights": w})
+            for (inp, tgt), w in zip(batch, weights)]
 
 
-def raw_peft_step_fn(model_name: str, batch, rank: int, learning_rate: float = 1e-4):
-    """The baseline: the same model, batch, LoRA rank and AdamW, as a plain PyTorch + peft loop."""
+def raw_peft_step_fn(model_name: str, batch, rank: int, learning_rate: float = 1e-4,
+                     weights: np.ndarray | None = None):
+    """The baseline: the same model, batch, loss weights, LoRA rank and AdamW, as a plain PyTorch +
+    peft loop."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -68,11 +87,12 @@ def raw_peft_step_fn(model_name: str, batch, rank: int, learning_rate: float = 1
                                   betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
     inputs = torch.tensor(np.stack([b[0] for b in batch]))
     targets_t = torch.tensor(np.stack([b[1] for b in batch]))
+    weights_t = torch.ones(targets_t.shape) if weights is None else torch.from_numpy(weights)
 
     def step() -> None:
         logits = model(input_ids=inputs).logits
         logprobs = torch.log_softmax(logits.float(), -1).gather(-1, targets_t[..., None])[..., 0]
-        (-logprobs.sum()).backward()
+        (-(logprobs * weights_t).sum()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
