@@ -6,6 +6,10 @@ right padding and causal attention a real token never sees a pad. The lm_head ke
 positions, so logits are [N, vocab] for the N real tokens, flattened in row order; each job and
 each datum is then a contiguous range of those N positions.
 
+Positions whose loss gradient is zero by construction (weight or advantage 0: prompt tokens) get
+their logprobs from a pass through the head without gradient; the backward through the head and the
+[N, vocab] logits covers the other positions only (_gated_target_logprobs).
+
 Calls too big for one forward (see MAX_BATCH_TOKENS) run as a few micro-batches instead.
 """
 
