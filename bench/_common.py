@@ -66,7 +66,8 @@ def reply_weights(batch, share: float) -> np.ndarray:
 
 
 def to_datums(types, batch, weights: np.ndarray | None = None):
-    weights = np.ones((len(batch), len(batch[0][1])), np.float32) if weights is None else weights
+    """Datums of (input, target) pairs; `weights` [rows, length] (rows of one length), else all ones."""
+    weights = [np.ones(len(target), np.float32) for _, target in batch] if weights is None else weights
     return [types.Datum(model_input=types.ModelInput.from_ints(inp.tolist()),
                         loss_fn_inputs={"target_tokens": tgt.astype(np.int64), "weights": w})
             for (inp, tgt), w in zip(batch, weights)]

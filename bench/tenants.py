@@ -138,7 +138,10 @@ def run(base_url: str, server_pid: int, count: int, workload: str) -> dict:
     for proc in procs:
         proc.start()
     for _ in procs:
-        ready.acquire()
+        if not ready.acquire(timeout=300):  # a client that failed has printed its traceback
+            for proc in procs:
+                proc.kill()
+            raise RuntimeError("a client did not get ready within 300 s")
     server = family(server_pid)
     server_cpu, main_cpu, start = cpu_seconds(server), cpu_seconds([server_pid]), time.perf_counter()
     client_cpu_before = cpu_seconds([p.pid for p in procs])
