@@ -292,6 +292,32 @@ def test_gradients_accumulate_until_optim_step(engine, new_id):
     engine.remove_adapter(aid)
 
 
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "ppo"])
+def test_a_job_whose_loss_touches_no_token_still_trains_its_adapter(engine, new_id, loss_fn):
+    """All weights (or advantages) zero -- an RL group whose rewards are all equal -- beside a job that
+    has some: the first adapter still gets its zero gradient, so its optimizer steps (Adam moves it on
+    its moments) exactly as with the unembedding's backward over every position."""
+    gate = "weights" if loss_fn == "cross_entropy" else "advantages"
+    rng = np.random.default_rng(4)
+    ids = [new_id(), new_id()]
+    for i, aid in enumerate(ids):
+        engine.create_adapter(aid, M, LoraSpec(rank=4, seed=i))
+        randomize_b(engine, aid, seed=i)
+
+    def job(aid, gated: bool):
+        data = [random_datum(rng, 9, logprobs=np.full(9, -7.0)) for _ in range(3)]
+        for d in data:
+            d.inputs[gate] = np.zeros(9, np.float32) if gated else np.r_[np.zeros(6), np.ones(3)].astype(np.float32)
+        return ForwardBackwardJob(aid, data, loss_fn)
+
+    engine.forward_backward([job(ids[0], True), job(ids[1], False)])
+    silent = grads(engine, ids[0])
+    assert all(g.abs().max() == 0 for g in silent.values())  # present, and zero
+    assert all(a.grad is not None and b.grad is not None for a, b in engine.adapter_tensors(ids[0]).values())
+    for aid in ids:
+        engine.remove_adapter(aid)
+
+
 def _chat(tok, question, answer):
     prompt = tok.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
     completion = tok.encode(f"{answer}<|im_end|>")

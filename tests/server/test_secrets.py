@@ -129,10 +129,23 @@ ALLOWED_IMPORTS = {
 }
 
 
+def _parse(path: Path) -> ast.Module:
+    # CPython 3.11 keeps the AST constructor's recursion count in module-wide state, so another thread
+    # building AST objects meanwhile (a background thread of an earlier test) can make ast.parse raise
+    # "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905); parse again.
+    for attempt in range(3):
+        try:
+            return ast.parse(path.read_text(), filename=str(path))
+        except SystemError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _scan(path: Path) -> list[str]:
     """What in this file could deserialize or evaluate untrusted bytes, as 'construct' strings."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(_parse(path)):
         if isinstance(node, ast.Import):
             found += [alias.name.split(".")[0] for alias in node.names if alias.name.split(".")[0] in DESERIALIZERS]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in DESERIALIZERS:

@@ -228,8 +228,10 @@ def _target_logprobs(logits: torch.Tensor, targets: list[np.ndarray], device) ->
 def _trained_positions(jobs: list[PreparedJob]) -> np.ndarray | None:
     """Which kept positions' logprobs can move a training loss (bool [N]): those whose loss's gate
     input is non-zero (losses.py). None -- the unembedding's backward simply runs over every position --
-    when a job has soft targets or a loss without a gate, or when fewer than a quarter of the
-    positions are spared (a second, smaller pass through the head would not pay for itself)."""
+    when a job has soft targets or a loss without a gate, when a training job has no such position
+    (its adapter must still get its all-zero gradient: the optimizer steps a parameter with a zero
+    gradient, and skips one with none), or when fewer than a quarter of the positions are spared (a
+    second, smaller pass through the head would not pay for itself)."""
     parts = []
     for job in jobs:
         if job.targets.ndim != 1:
@@ -240,6 +242,8 @@ def _trained_positions(jobs: list[PreparedJob]) -> np.ndarray | None:
             return None
         else:
             parts.append(job.inputs[job.loss.gradient_gate] != 0)
+            if not parts[-1].any():
+                return None
     trained = np.concatenate(parts)
     return trained if trained.sum() <= 0.75 * trained.size else None
 
