@@ -90,7 +90,8 @@ CASES = {
 }
 
 
-GATED = ("cross_entropy", "importance_sampling", "ppo", "cispo", "gspo")  # the losses with a gradient gate
+GATED = ("cross_entropy", "importance_sampling", "ppo", "cispo", "gspo", "stable_reinforce-defaults")  # with a
+# gradient gate (stable_reinforce without its KL penalty); `stable_reinforce-prompt` has one and runs ungated
 
 
 def _make_data(rng, ref_model, leaves, scale, loss_fn, soft=False, mask=False, prompt=False):
@@ -118,12 +119,14 @@ def _make_data(rng, ref_model, leaves, scale, loss_fn, soft=False, mask=False, p
     return data
 
 
-@pytest.mark.parametrize("case", [*CASES, "cross_entropy-2d", *(f"{loss}-prompt" for loss in GATED)])
+@pytest.mark.parametrize("case", [*CASES, "cross_entropy-2d", *(f"{loss}-prompt" for loss in GATED),
+                                  "stable_reinforce-prompt"])
 def test_loss_matches_reference(engine, ref_model, new_id, case, monkeypatch):
     """`-prompt` cases: most tokens carry no gradient, so the unembedding's backward runs over the
-    others only (training._gated_target_logprobs) -- and must still give the reference's gradient."""
+    others only (training._gated_target_logprobs) -- and must still give the reference's gradient.
+    stable_reinforce with a KL penalty pulls on every token: it must not take that path."""
     loss_fn = case.split("-")[0]
-    reference, config = CASES.get(case, CASES[loss_fn])
+    reference, config = CASES.get(case.removesuffix("-prompt"), CASES[loss_fn])
     aid = new_id()
     engine.create_adapter(aid, M, LoraSpec(rank=4, seed=11))
     randomize_b(engine, aid, seed=5)
@@ -136,7 +139,7 @@ def test_loss_matches_reference(engine, ref_model, new_id, case, monkeypatch):
     monkeypatch.setattr(training, "_gated_target_logprobs", lambda *a, **k: gated.append(1) or split(*a, **k))
 
     (result,) = engine.forward_backward([ForwardBackwardJob(aid, data, loss_fn, loss_fn_config=config)])
-    assert bool(gated) == case.endswith("prompt")
+    assert bool(gated) == (case.endswith("prompt") and case != "stable_reinforce-prompt")
 
     ref_total = 0
     for d, out in zip(data, result.outputs):

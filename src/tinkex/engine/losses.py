@@ -101,11 +101,6 @@ def _fraction(mask: torch.Tensor) -> float:
     return mask.float().mean().item() if mask.numel() else 0.0
 
 
-# The input that is zero wherever the loss's gradient with respect to lp is zero (the weight, or the
-# advantage, multiplies every term the gradient flows through). Training runs the unembedding's
-# backward only over the positions where it is non-zero: prompt tokens of supervised data and of RL
-# samples cost a forward only. dro and stable_reinforce have none: their drift and KL terms pull on
-# every token.
 _GRADIENT_GATES: dict[str, str] = {
     "cross_entropy": "weights",
     "importance_sampling": "advantages",
@@ -113,6 +108,17 @@ _GRADIENT_GATES: dict[str, str] = {
     "cispo": "advantages",
     "gspo": "advantages",  # the sequence ratio is built from sg(lp): only A * grad(lp) flows
 }
+
+
+def gradient_gate(name: str, config: dict[str, float]) -> str | None:
+    """The input that is zero wherever this loss's gradient with respect to lp is zero (the weight, or
+    the advantage, multiplies every term the gradient flows through), or None. Training runs the
+    unembedding's backward only where it is non-zero: prompt tokens of supervised data and of RL
+    samples cost a forward only. dro has none (its drift term pulls on every token), nor has
+    stable_reinforce with a KL penalty; without one it is sg(w) * lp * A."""
+    if name == "stable_reinforce" and config["kl_coeff"] == 0:
+        return "advantages"
+    return _GRADIENT_GATES.get(name)
 
 _FUNCTIONS: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
@@ -132,11 +138,10 @@ class LossDef:
     required: tuple[str, ...]  # float inputs besides target_tokens
     optional: tuple[str, ...]  # float inputs that are all ones when missing
     soft_targets: bool  # accepts target_tokens [T, K] with weights [T, K]
-    gradient_gate: str | None  # see _GRADIENT_GATES
 
 
 def lookup(name: str) -> LossDef:
     spec = loss_spec(name)  # EngineError for unknown names
     return LossDef(_FUNCTIONS[name], tuple(k for k in spec.required if k != "target_tokens"), spec.optional,
-                   spec.soft_targets, _GRADIENT_GATES.get(name))
+                   spec.soft_targets)
 

@@ -227,7 +227,7 @@ def _target_logprobs(logits: torch.Tensor, targets: list[np.ndarray], device) ->
 
 def _trained_positions(jobs: list[PreparedJob]) -> np.ndarray | None:
     """Which kept positions' logprobs can move a training loss (bool [N]): those whose loss's gate
-    input is non-zero (losses.py). None -- the unembedding's backward simply runs over every position --
+    input is non-zero (losses.gradient_gate). None -- the unembedding's backward runs over every position --
     when a job has soft targets or a loss without a gate, when a training job has no such position
     (its adapter must still get its all-zero gradient: the optimizer steps a parameter with a zero
     gradient, and skips one with none), or when fewer than a quarter of the positions are spared (a
@@ -236,12 +236,13 @@ def _trained_positions(jobs: list[PreparedJob]) -> np.ndarray | None:
     for job in jobs:
         if job.targets.ndim != 1:
             return None
+        gate = losses.gradient_gate(job.job.loss_fn, job.config)
         if not job.train:
             parts.append(np.zeros(len(job.targets), bool))
-        elif job.loss.gradient_gate is None:
+        elif gate is None:
             return None
         else:
-            parts.append(job.inputs[job.loss.gradient_gate] != 0)
+            parts.append(job.inputs[gate] != 0)
             if not parts[-1].any():
                 return None
     trained = np.concatenate(parts)
