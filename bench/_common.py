@@ -118,6 +118,24 @@ def summary(times: list[float]) -> str:
 
 
 @contextlib.contextmanager
+def serve_process(data_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`tinkex serve --port 0 --data-dir DATA_DIR ARGS...` in a process of its own: yields the process
+    and its base URL once it serves, and stops it on the way out."""
+    server = subprocess.Popen([sys.executable, "-m", "tinkex.cli", "serve", "--port", "0", "--data-dir",
+                               str(data_dir), *args], stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("tinkex serving on"):
+            line = server.stdout.readline()
+            if not line and server.poll() is not None:
+                raise RuntimeError(f"tinkex serve exited with {server.returncode}")
+        yield server, line.split()[-1]
+    finally:
+        server.terminate()
+        server.wait()
+
+
+@contextlib.contextmanager
 def start_server(where: str, data_dir: Path, models: list[str], key: str) -> Iterator[str]:
     """A tinkex server for these models with this API key; yields its base URL. `where`: "process" --
     `tinkex serve` in a process of its own, as deployed; "embedded" -- the embedded server in this
@@ -128,16 +146,5 @@ def start_server(where: str, data_dir: Path, models: list[str], key: str) -> Ite
         with EmbeddedServer(data_dir=data_dir, api_keys={key: "bench"}, base_models=models) as server:
             yield server.base_url
         return
-    command = [sys.executable, "-m", "tinkex.cli", "serve", "--port", "0", "--data-dir", str(data_dir),
-               "--api-key", key] + [arg for model in models for arg in ("--model", model)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
-        line = ""
-        while not line.startswith("tinkex serving on"):
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                raise RuntimeError(f"tinkex serve exited with {server.returncode}")
-        yield line.split()[-1]
-    finally:
-        server.terminate()
-        server.wait()
+    with serve_process(data_dir, "--api-key", key, *(arg for model in models for arg in ("--model", model))) as (_, url):
+        yield url

@@ -9,15 +9,13 @@ engine directly in this process, plus the time from `tinkex serve` to its first 
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import random_batch, summary, timed, to_datums
+from _common import random_batch, serve_process, summary, timed, to_datums
 
 STEPS = 60
 KEY = "tml-bench-key-000000"
@@ -29,14 +27,9 @@ def serve_to_first_step(data_dir: Path) -> tuple[float, float]:
     from tinkex import types
 
     start = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "tinkex.cli", "serve", "--port", "0", "--data-dir",
-                               str(data_dir), "--api-key", KEY], stdout=subprocess.PIPE, text=True)
-    try:
-        line = ""
-        while not line.startswith("tinkex serving on"):
-            line = server.stdout.readline()
+    with serve_process(data_dir, "--api-key", KEY) as (_, base_url):
         ready = time.perf_counter() - start
-        service = tinkex.ServiceClient(base_url=line.split()[-1], api_key=KEY)
+        service = tinkex.ServiceClient(base_url=base_url, api_key=KEY)
         trainer = service.create_lora_training_client(base_model="tinkex/tiny-qwen3", rank=32).result()
         datums = to_datums(types, random_batch(8, 14, 2000))
         trainer.forward_backward(datums, "cross_entropy").result()
@@ -44,9 +37,6 @@ def serve_to_first_step(data_dir: Path) -> tuple[float, float]:
         first_step = time.perf_counter() - start
         service.close()
         return ready, first_step
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def main() -> None:

@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import random_batch, to_datums
+from _common import random_batch, serve_process, to_datums
 
 COUNTS = (1, 2, 4, 8)
 WORKLOADS = {  # name -> (sequences per step, tokens per sequence)
@@ -161,23 +159,16 @@ def run(base_url: str, server_pid: int, count: int, workload: str) -> dict:
             "rss": rss_mib(server)}
 
 
-def serve(tmp: str, threads: int, workers: int) -> tuple[subprocess.Popen, str]:
-    """`tinkex serve` on a free port with one key per tenant; the process and its base URL."""
-    args = [sys.executable, "-m", "tinkex.cli", "serve", "--port", "0", "--data-dir", tmp,
-            "--max-resident-adapters", "100"]
+def serve_args(threads: int, workers: int) -> list[str]:
+    """`tinkex serve` options: these torch threads and engine workers, one key per tenant."""
+    args = ["--max-resident-adapters", "100"]
     if threads:
         args += ["--threads", str(threads)]
     if workers:
         args += ["--workers", str(workers)]
     for i, key in enumerate(KEYS):
         args += ["--api-key", f"{key}=tenant-{i}"]
-    server = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    line = ""
-    while not line.startswith("tinkex serving on"):
-        line = server.stdout.readline()
-        if not line and server.poll() is not None:
-            raise RuntimeError("tinkex serve did not start")
-    return server, line.split()[-1]
+    return args
 
 
 def main() -> None:
@@ -196,30 +187,26 @@ def main() -> None:
     headline = []
     for workers in options.workers:
         setup = f"--workers {workers}: engine in a worker process" if workers else "engine in the server process"
-        with tempfile.TemporaryDirectory() as tmp:
-            server, base_url = serve(tmp, options.threads, workers)
-            try:
-                run(base_url, server.pid, 1, "small")  # warm-up: the base model loads
-                for workload in options.workloads:
-                    rows, length = WORKLOADS[workload]
-                    print(f"\n{setup}; {workload}: {rows} x ~{length} tokens per client step")
-                    print(f"{'clients':>7} {'tokens/s':>9} {'vs 1':>6} {'server RSS MiB':>15} "
-                          f"{'server CPU':>11} {'(workers)':>10} {'clients CPU':>12} {'CPU ms/1k tokens: server':>25} "
-                          f"{'clients':>8}")
-                    single = None
-                    for count in options.counts:
-                        r = run(base_url, server.pid, count, workload)
-                        single = single or r["rate"]
-                        print(f"{count:>7} {r['rate']:>9,.0f} {r['rate'] / single:>5.2f}x {r['rss'][0]:>15,.0f} "
-                              f"{r['server_cpu']:>10.2f}c {r['worker_cpu']:>9.2f}c {r['client_cpu']:>11.2f}c "
-                              f"{r['server_ms_per_1k']:>25.0f} "
-                              f"{r['client_ms_per_1k']:>8.0f}")
-                        if count == 4 and workload == "small" and options.counts[0] == 1:
-                            headline.append(f"{setup}: {r['rate'] / single:.2f}x")
-                print(f"(peak server RSS {rss_mib(family(server.pid))[1]:,.0f} MiB, workers included)")
-            finally:
-                server.terminate()
-                server.wait()
+        with tempfile.TemporaryDirectory() as tmp, \
+                serve_process(Path(tmp), *serve_args(options.threads, workers)) as (server, base_url):
+            run(base_url, server.pid, 1, "small")  # warm-up: the base model loads
+            for workload in options.workloads:
+                rows, length = WORKLOADS[workload]
+                print(f"\n{setup}; {workload}: {rows} x ~{length} tokens per client step")
+                print(f"{'clients':>7} {'tokens/s':>9} {'vs 1':>6} {'server RSS MiB':>15} "
+                      f"{'server CPU':>11} {'(workers)':>10} {'clients CPU':>12} {'CPU ms/1k tokens: server':>25} "
+                      f"{'clients':>8}")
+                single = None
+                for count in options.counts:
+                    r = run(base_url, server.pid, count, workload)
+                    single = single or r["rate"]
+                    print(f"{count:>7} {r['rate']:>9,.0f} {r['rate'] / single:>5.2f}x {r['rss'][0]:>15,.0f} "
+                          f"{r['server_cpu']:>10.2f}c {r['worker_cpu']:>9.2f}c {r['client_cpu']:>11.2f}c "
+                          f"{r['server_ms_per_1k']:>25.0f} "
+                          f"{r['client_ms_per_1k']:>8.0f}")
+                    if count == 4 and workload == "small" and options.counts[0] == 1:
+                        headline.append(f"{setup}: {r['rate'] / single:.2f}x")
+            print(f"(peak server RSS {rss_mib(family(server.pid))[1]:,.0f} MiB, workers included)")
     print("\nCPU: cores busy on average during the measurement, and CPU time per 1,000 tokens trained (server: "
           "its process and its workers; in brackets, the workers' share). On a busy machine the rates fall but the CPU per token stays about the same: "
           "the cores divided by it bound what a quiet machine can reach.")
