@@ -120,6 +120,7 @@ def gradient_gate(name: str, config: dict[str, float]) -> str | None:
         return "advantages"
     return _GRADIENT_GATES.get(name)
 
+
 _FUNCTIONS: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,

@@ -195,10 +195,9 @@ def _run_batch(base: BaseModel, jobs: list[PreparedJob]) -> dict[int, tuple]:
                                              targets, kept, token_groups)
             else:
                 logits = lean.forward_sequences(ids) if lean is not None else model(input_ids=ids, use_cache=False).logits
+                lps = _target_logprobs(logits.float(), targets, device)
         finally:
             routing.clear()
-        if trained is None:
-            lps = _target_logprobs(logits.float(), targets, device)
         total, raw = None, {}
         for job, lp in zip(jobs, lps):
             inputs = {k: torch.from_numpy(v).to(device) for k, v in job.inputs.items()}
@@ -236,15 +235,13 @@ def _trained_positions(jobs: list[PreparedJob]) -> np.ndarray | None:
     for job in jobs:
         if job.targets.ndim != 1:
             return None
-        gate = losses.gradient_gate(job.job.loss_fn, job.config)
         if not job.train:
             parts.append(np.zeros(len(job.targets), bool))
-        elif gate is None:
+            continue
+        gate = losses.gradient_gate(job.job.loss_fn, job.config)
+        if gate is None or not job.inputs[gate].any():
             return None
-        else:
-            parts.append(job.inputs[gate] != 0)
-            if not parts[-1].any():
-                return None
+        parts.append(job.inputs[gate] != 0)
     trained = np.concatenate(parts)
     return trained if trained.sum() <= 0.75 * trained.size else None
 
@@ -268,9 +265,7 @@ def _gated_target_logprobs(head, routing: lora.Routing, hidden: torch.Tensor, tr
                   for lo, hi in [np.searchsorted(chosen, [s, e])] if hi > lo]
         routing.set(routing.groups, kept[where], groups)
         with torch.set_grad_enabled(with_grad):
-            logits = head(hidden).float()
-            index = flat[where][:, None]
-            values = TargetLogprobs.apply(logits, index) if with_grad else logits.log_softmax(-1).gather(1, index)
+            values = TargetLogprobs.apply(head(hidden).float(), flat[where][:, None])
         lp = lp.index_put((where,), values.view(-1))
     return list(lp.split([len(t) for t in targets]))
 
