@@ -234,3 +234,20 @@ def test_sampling_after_the_session_finished_is_refused(server):
     assert alice.http.post(f"/sessions/{session_id}/finish", json={"reason": {"type": "success"}}).status_code == 200
     refused = alice.post("/asample", json={**body, "seq_id": 2})
     assert refused.status_code == 410 and "finished" in refused.json()["detail"]
+
+
+def test_the_schema_says_which_routes_need_the_api_key(server):
+    """A route answers 401 without a key exactly when the OpenAPI schema lists the key as its security."""
+    http = httpx.Client(base_url=server.base_url, timeout=60)
+    schema = http.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["APIKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    secured = open_routes = 0
+    for path, operations in schema["paths"].items():
+        url = path.replace("{", "").replace("}", "").replace(":path", "")  # any value will do for ids
+        for method, operation in operations.items():
+            response = http.request(method.upper(), url, json={})
+            listed = operation.get("security") == [{"APIKey": []}, {"Bearer": []}]
+            assert (response.status_code == 401) == listed, (method, path, response.status_code, response.text)
+            secured += listed
+            open_routes += not listed
+    assert secured > 30 and open_routes >= 3  # the training, sampling and REST routes; healthz, config

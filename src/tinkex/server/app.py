@@ -7,11 +7,14 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError
 
+from .deps import get_tenant
 from .routers import dashboard, downloads, futures, metrics, openai, rest, sampling, service, training, uploads
 from .runtime import Runtime, ServerSettings
 from .scheduler import QueueFull
@@ -62,9 +65,12 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
     app.state.runtime = runtime
     # Routes are matched in this order, one pattern at a time: the calls every training step and
     # every sample make (retrieve_future, asample, forward_backward, optim_step) come first.
-    for module in (futures, sampling, training, service, rest, downloads, uploads, openai, dashboard):
-        app.include_router(module.router)
+    routers = [module.router for module in (futures, sampling, training, service, rest, downloads, uploads,
+                                            openai, dashboard)]
+    for router in routers:
+        app.include_router(router)
     metrics.install(app, runtime)  # GET /metrics (Prometheus text) and per-route request metrics
+    _document_api_key(app, [route for router in routers for route in router.routes])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -95,6 +101,33 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
             return {}
 
     return app
+
+
+def _document_api_key(app: FastAPI, routes: list) -> None:
+    """Put the API key in the OpenAPI schema as a security scheme of the routes that need one. The
+    routes read it from the request themselves (deps.get_tenant), so FastAPI does not list it."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "APIKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            }
+            for route in routes:
+                if isinstance(route, APIRoute) and _needs_tenant(route.dependant):
+                    for method in route.methods:
+                        operation = schema["paths"].get(route.path_format, {}).get(method.lower())
+                        if operation is not None:
+                            operation["security"] = [{"APIKey": []}, {"Bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _needs_tenant(dependant: Dependant) -> bool:
+    return any(d.call is get_tenant or _needs_tenant(d) for d in dependant.dependencies)
 
 
 class _Limits:
