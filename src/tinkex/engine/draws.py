@@ -9,8 +9,9 @@ Each u comes from a counter-based hash of (row key, step), where the row key is 
 request's seed and the sample's index. A row's draw therefore depends on nothing but its own seed,
 sample, step and logits: the same seed gives the same tokens whatever other requests share the
 batch, wherever the row sits in it, and whenever it joined. The hash is Chris Wellons'
-"lowbias32" integer finalizer, run on int32 tensors (multiplication wraps modulo 2^32; right shifts
-are masked to make them logical), so one set of vectorised ops serves every row.
+"lowbias32" integer finalizer, run with numpy on uint32 arrays (multiplication wraps modulo 2^32), so
+one set of vectorised operations serves every row: for a batch's few dozen numbers, each is a
+fraction of a torch op's fixed cost.
 """
 
 from __future__ import annotations
@@ -18,25 +19,22 @@ from __future__ import annotations
 import math
 import secrets
 
+import numpy as np
 import torch
 
-_GOLDEN = 0x9E3779B9  # odd constants to spread counters over the 32 bits
-_SPREAD = 0x85EBCA6B
+_GOLDEN = np.uint32(0x9E3779B9)  # odd constants to spread counters over the 32 bits
+_SPREAD = np.uint32(0x85EBCA6B)
 
 
-def _i32(value: int) -> int:
-    """A 32-bit pattern as the signed int32 that holds it."""
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on an int32 tensor of 32-bit patterns (bijective, full avalanche)."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _i32(0x7FEB352D)
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _i32(0x846CA68B)
-    return x ^ ((x >> 16) & 0xFFFF)
+def mix32(x: np.ndarray) -> np.ndarray:
+    """lowbias32 on a uint32 array, in place (bijective, full avalanche); returns x."""
+    with np.errstate(over="ignore"):  # multiplication wraps modulo 2^32, as the hash wants
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    return x
 
 
 def mix32_int(x: int) -> int:
@@ -55,24 +53,26 @@ def new_seed(seed: int | None) -> int:
 
 
 def row_key(seed: int, sample: int) -> int:
-    """A 32-bit key (as a signed int32) for sample `sample` of a request seeded with `seed` (all 64
-    bits count)."""
+    """A 32-bit key for sample `sample` of a request seeded with `seed` (all 64 bits count)."""
     key = mix32_int(seed & 0xFFFFFFFF)
     key = mix32_int(key ^ (seed >> 32))
-    return _i32(mix32_int(key + sample * _GOLDEN))
+    return mix32_int(key + sample * int(_GOLDEN))
 
 
-def uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """One u in (0, 1) per row, float32, from (keys[r], steps[r]): int32 keys [R], steps [R] (< 2^31)."""
-    bits = mix32(mix32(keys ^ mix32(steps.to(torch.int32) * _i32(_GOLDEN) + _i32(_SPREAD))) + keys)
+def uniforms(keys: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """One u in (0, 1) per row, float32, from (keys[r], steps[r]): uint32 keys [R], steps [R] (< 2^32).
+    On numpy: a few dozen integer operations on R numbers, each far cheaper there than a torch op."""
+    with np.errstate(over="ignore"):
+        bits = mix32(steps.astype(np.uint32) * _GOLDEN + _SPREAD)
+        bits = mix32(mix32(bits ^ keys) + keys)
     # The top 24 bits, centred in their cell: never exactly 0 or 1.
-    return (((bits >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return ((bits >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (1 << 24))
 
 
 def choose(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+           keys: np.ndarray, steps: np.ndarray) -> torch.Tensor:
     """One token per row of float32 logits [R, V]. Per row: temperature (0 = greedy), top_k (V or more
-    = no limit), top_p (1 = no limit), key (int32) and step (int64, the row's tokens so far)."""
+    = no limit), top_p (1 = no limit), key (uint32) and step (int64, the row's tokens so far)."""
     greedy = temperature == 0
     if bool(greedy.all()):
         return logits.argmax(-1)
@@ -84,7 +84,7 @@ def choose(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     # Inverse CDF: the first token whose cumulative probability reaches u (scaled by the total, so
     # the rounding of the sum cannot push u past the end). Masked tokens have zero width.
     cumulative = scores.softmax(-1).cumsum(-1)
-    target = uniforms(keys, steps) * cumulative[:, -1]
+    target = torch.from_numpy(uniforms(keys, steps)).to(logits.device) * cumulative[:, -1]
     drawn = torch.searchsorted(cumulative, target[:, None]).squeeze(1).clamp(max=vocab - 1)
     return torch.where(greedy, logits.argmax(-1), drawn) if bool(greedy.any()) else drawn
 

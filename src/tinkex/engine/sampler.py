@@ -300,13 +300,14 @@ class DecodeBatch:
 
 @dataclass
 class RowParams:
-    """Per-row draw parameters, as tensors along the batch's rows (see draws.choose)."""
+    """Per-row draw parameters along the batch's rows (see draws.choose): tensors on the batch's
+    device, and the hash inputs as numpy arrays."""
 
     temperature: torch.Tensor  # float32
     top_k: torch.Tensor  # int64, the vocabulary size = no limit
     top_p: torch.Tensor  # float32
-    keys: torch.Tensor  # int32
-    steps: torch.Tensor  # int64: tokens the row has drawn so far
+    keys: np.ndarray  # uint32
+    steps: np.ndarray  # int64: tokens the row has drawn so far
 
     @classmethod
     def of(cls, rows: list[tuple[PreparedSample, int]], vocab: int, device: torch.device) -> RowParams:
@@ -315,8 +316,8 @@ class RowParams:
             temperature=torch.tensor([float(j.temperature) for j in jobs], dtype=torch.float32, device=device),
             top_k=torch.tensor([j.top_k if 0 < j.top_k < vocab else vocab for j in jobs], device=device),
             top_p=torch.tensor([float(j.top_p) for j in jobs], dtype=torch.float32, device=device),
-            keys=torch.tensor([job.keys[s] for job, s in rows], dtype=torch.int32, device=device),
-            steps=torch.tensor([len(job.rows[s]) for job, s in rows], dtype=torch.long, device=device),
+            keys=np.array([job.keys[s] for job, s in rows], dtype=np.uint32),
+            steps=np.array([len(job.rows[s]) for job, s in rows], dtype=np.int64),
         )
 
 
