@@ -14,9 +14,10 @@ from tinkex.types import (
 )
 
 from ..deps import RuntimeDep, TenantDep
+from ..routing import LeanRoute
 from ..runtime import not_found
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", route_class=LeanRoute)  # the per-step routes: see routing.py
 PROTOBUF = "application/x-protobuf"
 
 

@@ -16,12 +16,13 @@ from tinkex.types import (
 
 from .. import convert
 from ..deps import RuntimeDep, TenantDep
+from ..routing import LeanRoute
 from ..futures import Future, Outcome
 from ..runtime import Runtime, bad_request
 from ..scheduler import Work
 from ..store import SamplingSessionRow
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", route_class=LeanRoute)  # the per-step routes: see routing.py
 
 
 @router.post("/create_sampling_session")

@@ -45,12 +45,13 @@ from tinkex.types import (
 
 from .. import convert
 from ..deps import RuntimeDep, TenantDep
+from ..routing import LeanRoute
 from ..futures import Outcome
 from ..runtime import Runtime, bad_request, not_found
 from ..scheduler import SeqIdError, Work
 from ..store import CheckpointRow, SamplingSessionRow, TrainingRunRow, utcnow
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", route_class=LeanRoute)  # the per-step routes: see routing.py
 MAX_RANK = 256
 
 
