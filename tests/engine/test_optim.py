@@ -48,6 +48,27 @@ def test_matches_torch_adamw_with_weight_decay_and_clipping(engine, new_id):
     engine.remove_adapter(aid)
 
 
+def test_optim_steps_of_many_adapters_in_one_call(engine, new_id):
+    """optim_steps is optim_step for each adapter in turn; a bad step gets its error, the rest run."""
+    together, alone = [new_id(), new_id()], [new_id(), new_id()]
+    for i, aid in enumerate(together + alone):
+        engine.create_adapter(aid, M, LoraSpec(rank=4, seed=i % 2))
+    data = [random_datum(np.random.default_rng(3), 7)]
+    hypers = [AdamHyper(learning_rate=1e-2), AdamHyper(learning_rate=3e-2, weight_decay=0.1)]
+    engine.forward_backward([ForwardBackwardJob(aid, data, "cross_entropy") for aid in together + alone])
+    results = engine.optim_steps([(together[0], hypers[0]), ("nope", hypers[0]),
+                                  (together[1], AdamHyper(eps=0)), (together[1], hypers[1])])
+    assert isinstance(results[1], EngineError) and "nope" in str(results[1])
+    assert isinstance(results[2], EngineError) and "eps" in str(results[2])
+    expected = [engine.optim_step(aid, hyper) for aid, hyper in zip(alone, hypers)]
+    assert [results[0], results[3]] == expected
+    for mine, reference in zip(together, alone):
+        for (a, b), (ra, rb) in zip(engine.adapter_tensors(mine).values(), engine.adapter_tensors(reference).values()):
+            assert torch.equal(a, ra) and torch.equal(b, rb)
+    for aid in together + alone:
+        engine.remove_adapter(aid)
+
+
 def test_optimizer_state_is_per_adapter(engine, new_id):
     """Stepping one adapter leaves another's weights and moments alone."""
     a, b = new_id(), new_id()

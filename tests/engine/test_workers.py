@@ -45,7 +45,8 @@ def training_loop(engine, directory) -> dict:
     for _ in range(4):
         results = engine.forward_backward([ForwardBackwardJob(name, DATA[name], "cross_entropy") for name in "ab"])
         observed["losses"].append([r.metrics["loss:sum"] for r in results])
-        observed["grad_norms"].append([engine.optim_step(name, HYPER)["grad_norm:mean"] for name in "ab"])
+        # Both adapters' steps in one call (the pool sends each worker its own, in parallel).
+        observed["grad_norms"].append([m["grad_norm:mean"] for m in engine.optim_steps([(n, HYPER) for n in "ab"])])
     engine.save_state("b", directory / "b-state", optimizer=True)
     engine.load_state("b2", directory / "b-state", optimizer=True)
     engine.save_sampler_weights("a", directory / "a-sampler")
@@ -124,6 +125,9 @@ def test_bad_input_is_an_engine_error(pool):
                                      ForwardBackwardJob("x", DATA["a"], "cross_entropy")])
     assert "unknown adapter" in str(results[0]) and "unknown loss" in str(results[1])
     assert results[2].metrics["loss:sum"] > 0
+    steps = pool.optim_steps([("nope", HYPER), ("x", AdamHyper(learning_rate=-1)), ("x", HYPER)])
+    assert "unknown adapter" in str(steps[0]) and "learning_rate" in str(steps[1])
+    assert steps[2]["grad_norm:mean"] > 0  # the bad ones did not stop it
     job = SampleJob(M, "nope", [1, 2])
     [(refused, exc)] = pool.submit_samples([job])
     assert refused is job and isinstance(exc, EngineError) and "unknown adapter" in str(exc)

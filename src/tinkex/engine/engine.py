@@ -240,6 +240,17 @@ class Engine(ServedModels):
         self._make_resident([adapter_id])
         return adapter.optimizer.step(hyper)
 
+    def optim_steps(self, steps: list[tuple[str, AdamHyper]]) -> list[dict[str, float] | EngineError]:
+        """optim_step for each (adapter id, hyperparameters), in order: the steps of many tenants in
+        one call (one round trip to an engine worker); a bad step gets its EngineError, the others run."""
+        results: list[dict[str, float] | EngineError] = []
+        for adapter_id, hyper in steps:
+            try:
+                results.append(self.optim_step(adapter_id, hyper))
+            except EngineError as exc:
+                results.append(exc)
+        return results
+
     # --- checkpoints ------------------------------------------------------------------------
 
     def save_state(self, adapter_id: str, directory: Path, *, optimizer: bool) -> int:

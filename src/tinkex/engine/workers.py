@@ -46,7 +46,7 @@ from .served import ServedModels
 log = logging.getLogger("tinkex.engine")
 
 # The calls a worker answers: the narrow interface. Everything else (metadata, tokenizers) stays local.
-ENGINE_CALLS = frozenset({"create_adapter", "remove_adapter", "forward_backward", "optim_step", "save_state",
+ENGINE_CALLS = frozenset({"create_adapter", "remove_adapter", "forward_backward", "optim_step", "optim_steps", "save_state",
                           "load_state", "save_sampler_weights", "load_sampler_weights", "stats"})
 HOST_CALLS = frozenset({"submit_samples", "step_samples"})  # wrapped: keys instead of job objects
 
@@ -380,22 +380,31 @@ class WorkerPool(ServedModels):
 
     def forward_backward(self, jobs: list[ForwardBackwardJob]) -> list[ForwardBackwardResult | Exception]:
         """Split the batch by worker, run the parts in parallel, answer in the caller's order."""
-        results: list[ForwardBackwardResult | Exception | None] = [None] * len(jobs)
+        return self._split("forward_backward", jobs, [job.adapter_id for job in jobs])
+
+    def optim_step(self, adapter_id: str, hyper) -> dict[str, float]:
+        return self._worker_of(adapter_id).submit("optim_step", adapter_id, hyper).result()
+
+    def optim_steps(self, steps: list[tuple[str, object]]) -> list[dict[str, float] | Exception]:
+        """Each worker's steps in one call, the workers in parallel; answers in the caller's order."""
+        return self._split("optim_steps", steps, [adapter_id for adapter_id, _ in steps])
+
+    def _split(self, method: str, items: list, adapter_ids: list[str]) -> list:
+        """Call `method` on each worker with the items of its adapters, in parallel; the answers in
+        the items' order (an unknown adapter's an EngineError, a failed part's its exception)."""
+        results: list = [None] * len(items)
         parts: dict[int, list[int]] = {}
-        for i, job in enumerate(jobs):
-            if job.adapter_id in self._placement:
-                parts.setdefault(self._placement[job.adapter_id], []).append(i)
+        for i, adapter_id in enumerate(adapter_ids):
+            if adapter_id in self._placement:
+                parts.setdefault(self._placement[adapter_id], []).append(i)
             else:
-                results[i] = EngineError(f"unknown adapter {job.adapter_id!r}")
-        for indices, outcome in self._scatter({w: ("forward_backward", [jobs[i] for i in indices])
+                results[i] = EngineError(f"unknown adapter {adapter_id!r}")
+        for indices, outcome in self._scatter({w: (method, [items[i] for i in indices])
                                                for w, indices in parts.items()}, parts.values()):
             answers = outcome if isinstance(outcome, list) else [outcome] * len(indices)  # a part that failed
             for i, result in zip(indices, answers, strict=True):
                 results[i] = result
         return results
-
-    def optim_step(self, adapter_id: str, hyper) -> dict[str, float]:
-        return self._worker_of(adapter_id).submit("optim_step", adapter_id, hyper).result()
 
     def save_state(self, adapter_id: str, directory: Path, *, optimizer: bool) -> int:
         worker = self._worker_of(adapter_id)

@@ -3,7 +3,8 @@
 Requests of one model run strictly in seq_id order; one that arrives early (the first chunk of a
 parallel forward_backward is sent last) waits until the gap is filled. Each turn of the worker takes,
 from every model with ready work, either its leading run of forward_backward jobs or one other
-request; all the forward_backward jobs of that turn, from every tenant, go to the engine as one batch.
+request; all the forward_backward jobs of that turn, from every tenant, go to the engine as one batch,
+and all its optimizer steps as one call (one round trip each to an engine worker process).
 
 Sampling is continuous: the engine keeps a running decode batch, and each turn ends with the sample
 requests that arrived joining it and one decode step of every row. So a long generation never holds
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from tinkex.engine.api import EngineError, ForwardBackwardJob, SampleJob
+from tinkex.engine.api import AdamHyper, EngineError, ForwardBackwardJob, SampleJob
 
 from .futures import Future, FutureTable, Outcome
 
@@ -41,8 +42,9 @@ _KEEP_SEEN = 10_000  # seq_ids remembered per model (and sample keys overall) to
 @dataclass
 class Work:
     future: Future | None = None  # set when the work is queued
-    run: Callable[[], Outcome] | None = None  # everything but forward_backward and sample
+    run: Callable[[], Outcome] | None = None  # everything but forward_backward, optim_step and sample
     forward_backward: ForwardBackwardJob | None = None
+    optim_step: tuple[str, AdamHyper] | None = None  # (adapter id, hyperparameters)
     sample: SampleJob | None = None
     finish: Callable[[object], Outcome] | None = None  # turns an engine result into the outcome
 
@@ -246,9 +248,12 @@ class Scheduler:
                 except Exception:
                     log.exception("engine-thread call failed")
             if batch:
-                self._run_batch([w.forward_backward for w in batch], batch)
+                self._run(self._engine.forward_backward, [w.forward_backward for w in batch], batch)
+            steps = [work for work in others if work.optim_step is not None]
+            if steps:  # every model's optimizer step of this turn in one engine call
+                self._run(self._engine.optim_steps, [w.optim_step for w in steps], steps)
             for work in others:
-                if work.future is not None:  # skipped seq_ids carry no future
+                if work.optim_step is None and work.future is not None:  # skipped seq_ids carry no future
                     self._resolve(work, work.run)
             if samples:
                 self._admit_samples(samples)
@@ -287,9 +292,10 @@ class Scheduler:
                 finished.append((work, result))
         self._resolve_all(finished)
 
-    def _run_batch(self, jobs: list, works: list[Work]) -> None:
+    def _run(self, call: Callable[[list], list], jobs: list, works: list[Work]) -> None:
+        """One engine call for many works (a result or an exception per job), and their answers."""
         try:
-            results = self._engine.forward_backward(jobs)
+            results = call(jobs)
         except Exception as exc:
             log.exception("engine batch failed")
             failed = Outcome(error=f"internal error: {exc}", category="server")

@@ -186,13 +186,14 @@ async def optim_step(body: OptimStepRequest, runtime: RuntimeDep, tenant: Tenant
     hyper = AdamHyper(learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2, eps=params.eps,
                       weight_decay=params.weight_decay, grad_clip_norm=params.grad_clip_norm)
 
-    def build() -> Callable[[], Outcome]:
+    def build() -> Work:
         runtime.live_model(body.model_id, tenant)
         if not (0 <= hyper.learning_rate <= 10 and 0 <= hyper.beta1 < 1 and 0 <= hyper.beta2 < 1
                 and hyper.eps > 0 and hyper.weight_decay >= 0 and hyper.grad_clip_norm >= 0):
             raise bad_request("Adam parameters out of range: need 0 <= learning_rate <= 10, betas in [0, 1), "
                               "eps > 0, weight_decay >= 0, grad_clip_norm >= 0")
-        return lambda: Outcome(result=OptimStepResponse(metrics=runtime.engine.optim_step(body.model_id, hyper)))
+        return Work(optim_step=(body.model_id, hyper),
+                    finish=lambda metrics: Outcome(result=OptimStepResponse(metrics=metrics)))
 
     return enqueue(runtime, tenant, body.model_id, body.seq_id, "OptimStep", build)
 
