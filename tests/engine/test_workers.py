@@ -128,6 +128,10 @@ def test_bad_input_is_an_engine_error(pool):
     steps = pool.optim_steps([("nope", HYPER), ("x", AdamHyper(learning_rate=-1)), ("x", HYPER)])
     assert "unknown adapter" in str(steps[0]) and "learning_rate" in str(steps[1])
     assert steps[2]["grad_norm:mean"] > 0  # the bad ones did not stop it
+    pool.create_adapter("z", M, LoraSpec(rank=4, seed=0))
+    trained, stepped = pool.run_training([ForwardBackwardJob("z", DATA["b"], "cross_entropy")], [("x", HYPER)])
+    assert trained[0].metrics["loss:sum"] > 0 and stepped[0] == {"grad_norm:mean": 0.0}  # x had no new gradient
+    pool.remove_adapter("z")
     job = SampleJob(M, "nope", [1, 2])
     [(refused, exc)] = pool.submit_samples([job])
     assert refused is job and isinstance(exc, EngineError) and "unknown adapter" in str(exc)

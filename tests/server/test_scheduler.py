@@ -1,5 +1,5 @@
 """The scheduler batches across models: a turn's forward_backward jobs go to the engine as one batch,
-and its optimizer steps as one call, each answered to its own future."""
+in one call with its optimizer steps, each answered to its own future."""
 
 from __future__ import annotations
 
@@ -24,16 +24,14 @@ class Recording:
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
-    def forward_backward(self, jobs):
-        self.calls.append(("forward_backward", len(jobs)))
-        return self.engine.forward_backward(jobs)
-
-    def optim_steps(self, steps):
-        self.calls.append(("optim_steps", len(steps)))
-        return self.engine.optim_steps(steps)
+    def run_training(self, jobs, steps):
+        self.calls.append(([job.adapter_id for job in jobs], [adapter_id for adapter_id, _ in steps]))
+        return self.engine.run_training(jobs, steps)
 
 
 def test_a_turn_sends_every_model_step_in_one_engine_call(tmp_path, hf_home):
+    """Three models' forward_backward jobs make one batch; then their optimizer steps go in one call
+    with a fourth model's forward_backward."""
     engine = Recording(Engine(hf_home=hf_home))
     futures = FutureTable(Store(f"sqlite:///{tmp_path / 'store.db'}"))
     scheduler = Scheduler(engine, futures, prepare_sample=lambda job: None)
@@ -52,6 +50,15 @@ def test_a_turn_sends_every_model_step_in_one_engine_call(tmp_path, hf_home):
         scheduler.submit(model, 0, fb)
         scheduler.submit(model, 1, step)
         steps[model] = step.future
+    # A fourth model whose forward_backward comes second in its queue: it runs in the steps' turn.
+    engine.create_adapter("m3", BUILTIN_MODEL, LoraSpec(rank=4, seed=3))
+    scheduler.open_model("m3")
+    scheduler.submit("m3", 0, Work(future=futures.create("t", "Noop", "m3", 0), run=lambda: Outcome()))
+    late = Work(future=futures.create("t", "ForwardBackward", "m3", 1),
+                forward_backward=ForwardBackwardJob("m3", [datum], "cross_entropy"),
+                finish=lambda result: Outcome(result=convert.forward_backward_output(result)))
+    scheduler.submit("m3", 1, late)
+    steps["m3"] = late.future
     scheduler.start()  # everything is queued before the first turn
     try:
         deadline = time.monotonic() + 60
@@ -60,7 +67,8 @@ def test_a_turn_sends_every_model_step_in_one_engine_call(tmp_path, hf_home):
     finally:
         scheduler.stop()
         futures.close()
-    assert engine.calls == [("forward_backward", 3), ("optim_steps", 3)]
+    assert engine.calls == [(["m0", "m1", "m2"], []), (["m3"], ["m0", "m1", "m2"])]
+    assert steps["m3"].outcome.result.metrics["loss:sum"] > 0
     assert steps["m0"].outcome.result.metrics["grad_norm:mean"] > 0
     assert steps["m2"].outcome.result.metrics["grad_norm:mean"] > 0
     # m1's bad step failed on its own, as the user's error

@@ -240,6 +240,12 @@ class Engine(ServedModels):
         self._make_resident([adapter_id])
         return adapter.optimizer.step(hyper)
 
+    def run_training(self, jobs: list[ForwardBackwardJob], steps: list[tuple[str, AdamHyper]]
+                     ) -> tuple[list[ForwardBackwardResult | EngineError], list[dict[str, float] | EngineError]]:
+        """forward_backward(jobs), then optim_steps(steps): a scheduler turn's training work, one call
+        (one round trip to an engine worker). `steps` must not be for the adapters `jobs` train."""
+        return self.forward_backward(jobs) if jobs else [], self.optim_steps(steps)
+
     def optim_steps(self, steps: list[tuple[str, AdamHyper]]) -> list[dict[str, float] | EngineError]:
         """optim_step for each (adapter id, hyperparameters), in order: the steps of many tenants in
         one call (one round trip to an engine worker); a bad step gets its EngineError, the others run."""

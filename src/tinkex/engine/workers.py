@@ -46,7 +46,7 @@ from .served import ServedModels
 log = logging.getLogger("tinkex.engine")
 
 # The calls a worker answers: the narrow interface. Everything else (metadata, tokenizers) stays local.
-ENGINE_CALLS = frozenset({"create_adapter", "remove_adapter", "forward_backward", "optim_step", "optim_steps", "save_state",
+ENGINE_CALLS = frozenset({"create_adapter", "remove_adapter", "run_training", "optim_step", "save_state",
                           "load_state", "save_sampler_weights", "load_sampler_weights", "stats"})
 HOST_CALLS = frozenset({"submit_samples", "step_samples"})  # wrapped: keys instead of job objects
 
@@ -379,32 +379,35 @@ class WorkerPool(ServedModels):
             self._placement.pop(adapter_id, None)
 
     def forward_backward(self, jobs: list[ForwardBackwardJob]) -> list[ForwardBackwardResult | Exception]:
-        """Split the batch by worker, run the parts in parallel, answer in the caller's order."""
-        return self._split("forward_backward", jobs, [job.adapter_id for job in jobs])
+        return self.run_training(jobs, [])[0]
 
     def optim_step(self, adapter_id: str, hyper) -> dict[str, float]:
         return self._worker_of(adapter_id).submit("optim_step", adapter_id, hyper).result()
 
     def optim_steps(self, steps: list[tuple[str, object]]) -> list[dict[str, float] | Exception]:
-        """Each worker's steps in one call, the workers in parallel; answers in the caller's order."""
-        return self._split("optim_steps", steps, [adapter_id for adapter_id, _ in steps])
+        return self.run_training([], steps)[1]
 
-    def _split(self, method: str, items: list, adapter_ids: list[str]) -> list:
-        """Call `method` on each worker with the items of its adapters, in parallel; the answers in
-        the items' order (an unknown adapter's an EngineError, a failed part's its exception)."""
-        results: list = [None] * len(items)
+    def run_training(self, jobs: list[ForwardBackwardJob], steps: list[tuple[str, object]]
+                     ) -> tuple[list[ForwardBackwardResult | Exception], list[dict[str, float] | Exception]]:
+        """Split the jobs and the (adapter id, hyperparameters) steps by worker, one call to each, in
+        parallel; the answers in the caller's order (an unknown adapter's an EngineError, the answers
+        of a worker's part that failed as a whole its exception)."""
+        owners = [job.adapter_id for job in jobs] + [adapter_id for adapter_id, _ in steps]
+        answers: list = [None] * len(owners)
         parts: dict[int, list[int]] = {}
-        for i, adapter_id in enumerate(adapter_ids):
+        for i, adapter_id in enumerate(owners):
             if adapter_id in self._placement:
                 parts.setdefault(self._placement[adapter_id], []).append(i)
             else:
-                results[i] = EngineError(f"unknown adapter {adapter_id!r}")
-        for indices, outcome in self._scatter({w: (method, [items[i] for i in indices])
-                                               for w, indices in parts.items()}, parts.values()):
-            answers = outcome if isinstance(outcome, list) else [outcome] * len(indices)  # a part that failed
-            for i, result in zip(indices, answers, strict=True):
-                results[i] = result
-        return results
+                answers[i] = EngineError(f"unknown adapter {adapter_id!r}")
+        n = len(jobs)
+        calls = {worker: ("run_training", [jobs[i] for i in indices if i < n], [steps[i - n] for i in indices if i >= n])
+                 for worker, indices in parts.items()}
+        for indices, outcome in self._scatter(calls, parts.values()):
+            flat = [outcome] * len(indices) if isinstance(outcome, Exception) else [*outcome[0], *outcome[1]]
+            for i, result in zip(indices, flat, strict=True):  # a part's indices ascend: its jobs, then its steps
+                answers[i] = result
+        return answers[:n], answers[n:]
 
     def save_state(self, adapter_id: str, directory: Path, *, optimizer: bool) -> int:
         worker = self._worker_of(adapter_id)

@@ -4,7 +4,7 @@ Requests of one model run strictly in seq_id order; one that arrives early (the 
 parallel forward_backward is sent last) waits until the gap is filled. Each turn of the worker takes,
 from every model with ready work, either its leading run of forward_backward jobs or one other
 request; all the forward_backward jobs of that turn, from every tenant, go to the engine as one batch,
-and all its optimizer steps as one call (one round trip each to an engine worker process).
+in one call with all its optimizer steps (one round trip to an engine worker process).
 
 Sampling is continuous: the engine keeps a running decode batch, and each turn ends with the sample
 requests that arrived joining it and one decode step of every row. So a long generation never holds
@@ -247,11 +247,9 @@ class Scheduler:
                     fn()
                 except Exception:
                     log.exception("engine-thread call failed")
-            if batch:
-                self._run(self._engine.forward_backward, [w.forward_backward for w in batch], batch)
             steps = [work for work in others if work.optim_step is not None]
-            if steps:  # every model's optimizer step of this turn in one engine call
-                self._run(self._engine.optim_steps, [w.optim_step for w in steps], steps)
+            if batch or steps:
+                self._train(batch, steps)
             for work in others:
                 if work.optim_step is None and work.future is not None:  # skipped seq_ids carry no future
                     self._resolve(work, work.run)
@@ -292,16 +290,18 @@ class Scheduler:
                 finished.append((work, result))
         self._resolve_all(finished)
 
-    def _run(self, call: Callable[[list], list], jobs: list, works: list[Work]) -> None:
-        """One engine call for many works (a result or an exception per job), and their answers."""
+    def _train(self, batch: list[Work], steps: list[Work]) -> None:
+        """The turn's forward_backward jobs as one batch and its optimizer steps, in one engine call
+        (one round trip to each engine worker), and their answers."""
         try:
-            results = call(jobs)
+            results, metrics = self._engine.run_training([w.forward_backward for w in batch],
+                                                         [w.optim_step for w in steps])
         except Exception as exc:
             log.exception("engine batch failed")
             failed = Outcome(error=f"internal error: {exc}", category="server")
-            self._futures.resolve_many([(work.future, failed) for work in works])
+            self._futures.resolve_many([(work.future, failed) for work in batch + steps])
             return
-        self._resolve_all(list(zip(works, results)))
+        self._resolve_all([*zip(batch, results), *zip(steps, metrics)])
 
     def _resolve(self, work: Work, compute: Callable[[], Outcome]) -> None:
         self._futures.resolve(work.future, _outcome(compute))
