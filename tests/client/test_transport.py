@@ -180,3 +180,32 @@ def test_final_conflict_is_not_retried_by_the_submit_loop(scripted):
     with pytest.raises(types.ConflictError):
         rest.publish_checkpoint_from_tinker_path("tinker://s:train:0/weights/a").result(30)
     assert len(scripted.requests_to(path)) == 1 and time.monotonic() - started < 2
+
+
+def test_cookies_the_server_sets_come_back(scripted):
+    """Requests skip httpx.AsyncClient.send where they can; its cookie jar still works."""
+    scripted.script("/api/v1/login", Reply(200, {}, {"set-cookie": "lb=node-7; Path=/"}))
+    scripted.script("/api/v1/step", Reply(200, {}))
+    transport = Transport(scripted.base_url, KEY)
+
+    async def run():
+        try:
+            await transport.request("POST", "/api/v1/login", json={}, purpose="train")
+            await transport.request("POST", "/api/v1/step", json={}, purpose="train")
+        finally:
+            await transport.aclose()
+
+    asyncio.run(run())
+    (step,) = scripted.requests_to("/api/v1/step")
+    assert step.headers.get("cookie") == "lb=node-7"
+
+
+def test_redirects_are_followed(scripted):
+    """A redirect met on the direct path is sent again through httpx.AsyncClient, which follows it."""
+    moved_on = Reply(307, b"", {"location": "/api/v1/new"})
+    scripted.script("/api/v1/old", moved_on, moved_on)
+    scripted.script("/api/v1/new", Reply(200, {"moved": True}))
+    response = _request(Transport(scripted.base_url, KEY), "POST", "/api/v1/old", json={"a": 1}, purpose="train")
+    assert response.json() == {"moved": True} and response.request.url.path == "/api/v1/new"
+    (moved,) = scripted.requests_to("/api/v1/new")
+    assert moved.method == "POST" and moved.json() == {"a": 1}  # a 307 keeps the method and body

@@ -55,6 +55,9 @@ MAX_RETRY_DELAY_S = 10.0
 INITIAL_RETRY_DELAY_S = 0.5
 
 PURPOSES = ("session", "train", "sample", "retrieve", "rest", "telemetry")
+# Proxies from the environment are applied by httpx.AsyncClient.send, which then carries every request.
+_PROXIED = any(os.environ.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                                                   "https_proxy", "all_proxy"))
 # Sampling (asample and the retrieve_future polls of its results) goes through pyqwest's transport
 # where it is installed. Samplers keep dozens to thousands of requests in flight, and httpx's own
 # pool re-checks every idle connection (a socket poll through anyio) on each request and response,
@@ -207,6 +210,7 @@ class Transport:
         self.api_key = api_key
         self.default_headers_overrides = dict(default_headers_overrides or {})
         self._clients: dict[str, httpx.AsyncClient] = {}
+        self._transports: dict[str, httpx.AsyncBaseTransport] = {}  # each client's, for _send
         self._pid = os.getpid()
         headers = _platform_headers()
         for env_name, header in (("CLOUDFLARE_ACCESS_CLIENT_ID", "CF-Access-Client-Id"),
@@ -221,19 +225,42 @@ class Transport:
     def client(self, purpose: str) -> httpx.AsyncClient:
         """The httpx client for one purpose; each purpose has its own connection pool."""
         if self._pid != os.getpid():  # a forked child cannot use the parent's connections
-            self._clients, self._pid = {}, os.getpid()
+            self._clients, self._transports, self._pid = {}, {}, os.getpid()
         client = self._clients.get(purpose)
         if client is None:
             limits = httpx.Limits(max_connections=1000, max_keepalive_connections=20)
+            transport = _pyqwest_transport() if _uses_pyqwest(purpose) else \
+                httpx.AsyncHTTPTransport(http2=True, limits=limits)
             client = httpx.AsyncClient(
-                http2=True,
                 limits=limits,
                 timeout=httpx.Timeout(DEFAULT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
                 follow_redirects=True,
-                transport=_pyqwest_transport() if _uses_pyqwest(purpose) else None,
+                transport=transport,
             )
             self._clients[purpose] = client
+            self._transports[purpose] = transport
         return client
+
+    async def _send(self, purpose: str, request: httpx.Request, follow_redirects: bool) -> httpx.Response:
+        """What `client.send(request)` answers, sent straight to the client's transport where no proxy
+        is configured: AsyncClient.send also runs auth and redirect handling the SDK does not use,
+        and parses every response's cookies into a jar (http.cookiejar: ~70 us a request). Cookies a
+        server sets are still kept; a redirect (which Tinker servers do not send) is sent again
+        through client.send, which follows it."""
+        client = self._clients[purpose]
+        if _PROXIED:
+            return await client.send(request, follow_redirects=follow_redirects)
+        response = await self._transports[purpose].handle_async_request(request)
+        response.request = request
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        if "set-cookie" in response.headers:
+            client.cookies.extract_cookies(response)
+        if follow_redirects and response.is_redirect:
+            return await client.send(request, follow_redirects=True)
+        return response
 
     def url(self, path: str) -> str:
         if path.startswith("http://") or path.startswith("https://"):
@@ -326,7 +353,7 @@ class Transport:
                 error: Exception | None = None
                 started = time.perf_counter()
                 try:
-                    response = await client.send(request, follow_redirects=follow_redirects)
+                    response = await self._send(purpose, request, follow_redirects)
                 except httpx.TimeoutException:
                     error = APITimeoutError(request)
                 except httpx.TransportError as exc:
