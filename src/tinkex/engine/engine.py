@@ -244,7 +244,7 @@ class Engine(ServedModels):
                      ) -> tuple[list[ForwardBackwardResult | EngineError], list[dict[str, float] | EngineError]]:
         """forward_backward(jobs), then optim_steps(steps): a scheduler turn's training work, one call
         (one round trip to an engine worker). `steps` must not be for the adapters `jobs` train."""
-        return self.forward_backward(jobs) if jobs else [], self.optim_steps(steps)
+        return (self.forward_backward(jobs) if jobs else []), self.optim_steps(steps)
 
     def optim_steps(self, steps: list[tuple[str, AdamHyper]]) -> list[dict[str, float] | EngineError]:
         """optim_step for each (adapter id, hyperparameters), in order: the steps of many tenants in

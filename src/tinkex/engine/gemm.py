@@ -116,7 +116,9 @@ def onednn_is_faster() -> bool:
     generator = torch.Generator().manual_seed(0)
     x, weight = torch.randn(128, 512, generator=generator), torch.randn(512, 512, generator=generator)
     torch_s, onednn_s = [], []
-    for _ in range(5):  # interleaved, best of five: a busy machine slows both alike
+    # Interleaved, best of fifteen: on a busy machine some run of each still gets a core to itself.
+    # (Best of five chose MKL about once in a hundred busy starts, and a process keeps its choice.)
+    for _ in range(15):
         for run, times in ((lambda: F.linear(x, weight), torch_s), (lambda: _onednn(x, weight), onednn_s)):
             start = time.perf_counter()
             run()
