@@ -187,3 +187,14 @@ class SampleResult:
     topk_prompt_token_ids: np.ndarray | None = None  # int32 [len(prompt), K]; row 0 is the sentinel
     topk_prompt_logprobs: np.ndarray | None = None  # float32 [len(prompt), K]
     target_prompt_logprobs: np.ndarray | None = None  # float32, like target_prompt_tokens; 0.0 in unused cells
+
+
+class Ready:
+    """An answer that is already there: what the in-process engine's `submit_training` returns, where
+    a worker pool's returns a reply that waits for its workers. `result()` gives the value."""
+
+    def __init__(self, value: object):
+        self.value = value
+
+    def result(self) -> object:
+        return self.value

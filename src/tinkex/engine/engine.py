@@ -30,6 +30,7 @@ from .api import (
     ForwardBackwardJob,
     ForwardBackwardResult,
     LoraSpec,
+    Ready,
     SampleJob,
     SampleResult,
 )
@@ -243,8 +244,13 @@ class Engine(ServedModels):
     def run_training(self, jobs: list[ForwardBackwardJob], steps: list[tuple[str, AdamHyper]]
                      ) -> tuple[list[ForwardBackwardResult | EngineError], list[dict[str, float] | EngineError]]:
         """forward_backward(jobs), then optim_steps(steps): a scheduler turn's training work, one call
-        (one round trip to an engine worker). `steps` must not be for the adapters `jobs` train."""
+        (one round trip to an engine worker). The scheduler never puts an adapter in both: its step
+        waits for the next turn."""
         return (self.forward_backward(jobs) if jobs else []), self.optim_steps(steps)
+
+    def submit_training(self, jobs: list[ForwardBackwardJob], steps: list[tuple[str, AdamHyper]]) -> Ready:
+        """run_training, done at once (a worker pool's returns while its workers run it)."""
+        return Ready(self.run_training(jobs, steps))
 
     def optim_steps(self, steps: list[tuple[str, AdamHyper]]) -> list[dict[str, float] | EngineError]:
         """optim_step for each (adapter id, hyperparameters), in order: the steps of many tenants in

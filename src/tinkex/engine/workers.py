@@ -153,7 +153,8 @@ class Worker(Protocol):
 
 
 class ProcessWorker:
-    """A worker in a spawned local process, one request at a time over a pipe."""
+    """A worker in a spawned local process, over a pipe. Calls may overlap: the worker answers them
+    in the order they were sent, and each reply is matched to its call by that order."""
 
     def __init__(self, name: str, spec: WorkerSpec, *, cuda_visible_devices: str | None = None):
         context = multiprocessing.get_context("spawn")  # never fork a process that has torch threads
@@ -163,7 +164,10 @@ class ProcessWorker:
                                         name=f"tinkex-{name}", daemon=True)
         self._process.start()
         child.close()  # so that the worker's death reads as end-of-file here
-        self._lock = threading.Lock()  # held from a request's send to its reply
+        self._send_lock = threading.Lock()  # one message on the pipe at a time; numbers the calls
+        self._receive_lock = threading.Lock()  # one reader at a time; replies are read in call order
+        self._sent = self._read = 0  # calls sent and replies read so far
+        self._replies: dict[int, tuple[str, object]] = {}  # read, for calls whose caller has not asked yet
         self._died: str | None = None
         self._started = False
 
@@ -176,10 +180,10 @@ class ProcessWorker:
         return self._process.pid
 
     def ready(self) -> None:
-        with self._lock:
+        with self._receive_lock:
             if not self._started:
                 try:
-                    self._receive("starting")
+                    self._unwrap(self._receive("starting"))
                 except Exception as exc:  # it could not build its Engine, and has exited
                     self._died = self._died or f"engine worker {self.name} could not start: {exc}"
                     raise
@@ -187,26 +191,35 @@ class ProcessWorker:
 
     def submit(self, method: str, *args, **kwargs) -> _PipeReply:
         self.ready()
-        self._lock.acquire()
-        try:
+        with self._send_lock:
             if self._died is not None:
                 raise WorkerDied(self._died)
-            self._conn.send((method, args, kwargs))
-        except (OSError, ValueError):
-            self._lock.release()
-            raise self._death(f"running {method}") from None
-        except BaseException:
-            self._lock.release()
-            raise
-        return _PipeReply(self, f"running {method}")
+            try:
+                self._conn.send((method, args, kwargs))
+            except (OSError, ValueError):
+                raise self._death(f"running {method}") from None
+            call, self._sent = self._sent, self._sent + 1
+        return _PipeReply(self, call, f"running {method}")
 
-    def _receive(self, doing: str) -> object:
+    def reply(self, call: int, doing: str) -> object:
+        """The answer to call number `call`, reading (and keeping) the replies to earlier calls first."""
+        with self._receive_lock:
+            while call not in self._replies:
+                self._replies[self._read] = self._receive(doing)
+                self._read += 1
+            return self._unwrap(self._replies.pop(call))
+
+    def _receive(self, doing: str) -> tuple[str, object]:
         if self._died is not None:
             raise WorkerDied(self._died)
         try:
-            status, value = self._conn.recv()
+            return self._conn.recv()
         except (EOFError, OSError):
             raise self._death(doing) from None
+
+    @staticmethod
+    def _unwrap(answer: tuple[str, object]) -> object:
+        status, value = answer
         if status == "error":
             raise value
         return value
@@ -229,19 +242,17 @@ class ProcessWorker:
 
 
 class _PipeReply:
-    def __init__(self, worker: ProcessWorker, doing: str):
-        self._worker, self._doing = worker, doing
+    def __init__(self, worker: ProcessWorker, call: int, doing: str):
+        self._worker, self._call, self._doing = worker, call, doing
         self._done, self._value, self._error = False, None, None
 
     def result(self) -> object:
         if not self._done:
             try:
-                self._value = self._worker._receive(self._doing)
+                self._value = self._worker.reply(self._call, self._doing)
             except Exception as exc:
                 self._error = exc
-            finally:
-                self._done = True
-                self._worker._lock.release()
+            self._done = True
         if self._error is not None:
             raise self._error
         return self._value
@@ -389,9 +400,13 @@ class WorkerPool(ServedModels):
 
     def run_training(self, jobs: list[ForwardBackwardJob], steps: list[tuple[str, object]]
                      ) -> tuple[list[ForwardBackwardResult | Exception], list[dict[str, float] | Exception]]:
-        """Split the jobs and the (adapter id, hyperparameters) steps by worker, one call to each, in
-        parallel; the answers in the caller's order (an unknown adapter's an EngineError, the answers
-        of a worker's part that failed as a whole its exception)."""
+        return self.submit_training(jobs, steps).result()
+
+    def submit_training(self, jobs: list[ForwardBackwardJob], steps: list[tuple[str, object]]) -> _Gathered:
+        """Split the jobs and the (adapter id, hyperparameters) steps by worker and send each worker
+        its part, one call each; the reply's result() waits for them: (forward_backward results, step
+        metrics) in the caller's order (an unknown adapter's an EngineError, the answers of a worker's
+        part that failed as a whole its exception). The scheduler sends a turn while the last runs."""
         owners = [job.adapter_id for job in jobs] + [adapter_id for adapter_id, _ in steps]
         answers: list = [None] * len(owners)
         parts: dict[int, list[int]] = {}
@@ -401,13 +416,18 @@ class WorkerPool(ServedModels):
             else:
                 answers[i] = EngineError(f"unknown adapter {adapter_id!r}")
         n = len(jobs)
-        calls = {worker: ("run_training", [jobs[i] for i in indices if i < n], [steps[i - n] for i in indices if i >= n])
-                 for worker, indices in parts.items()}
-        for indices, outcome in self._scatter(calls, parts.values()):
-            flat = [outcome] * len(indices) if isinstance(outcome, Exception) else [*outcome[0], *outcome[1]]
-            for i, result in zip(indices, flat, strict=True):  # a part's indices ascend: its jobs, then its steps
-                answers[i] = result
-        return answers[:n], answers[n:]
+        sent = self._send({worker: ("run_training", [jobs[i] for i in indices if i < n],
+                                    [steps[i - n] for i in indices if i >= n])
+                           for worker, indices in parts.items()}, parts.values())
+
+        def gather() -> tuple[list, list]:
+            for indices, outcome in self._gather(sent):
+                flat = [outcome] * len(indices) if isinstance(outcome, Exception) else [*outcome[0], *outcome[1]]
+                for i, result in zip(indices, flat, strict=True):  # a part's indices ascend: jobs, then steps
+                    answers[i] = result
+            return answers[:n], answers[n:]
+
+        return _Gathered(gather)
 
     def save_state(self, adapter_id: str, directory: Path, *, optimizer: bool) -> int:
         worker = self._worker_of(adapter_id)
@@ -508,12 +528,19 @@ class WorkerPool(ServedModels):
 
     def _scatter(self, calls: dict[int, tuple], labels):
         """Send each worker its call, then gather: yields (label, value or the exception it raised)."""
+        return self._gather(self._send(calls, labels))
+
+    def _send(self, calls: dict[int, tuple], labels) -> list[tuple[object, Reply | Exception]]:
         replies = []
         for (worker, (method, *args)), label in zip(calls.items(), labels, strict=True):
             try:
                 replies.append((label, self._workers[worker].submit(method, *args)))
             except Exception as exc:
                 replies.append((label, exc))
+        return replies
+
+    @staticmethod
+    def _gather(replies: list[tuple[object, Reply | Exception]]):
         for label, reply in replies:
             if isinstance(reply, Exception):
                 yield label, reply
@@ -522,6 +549,18 @@ class WorkerPool(ServedModels):
                 yield label, reply.result()
             except Exception as exc:
                 yield label, exc
+
+
+class _Gathered:
+    """A worker pool's answer to come: result() gathers it from the workers (once)."""
+
+    def __init__(self, gather):
+        self._gather, self._value = gather, None
+
+    def result(self):
+        if self._gather is not None:
+            self._value, self._gather = self._gather(), None
+        return self._value
 
 
 def _add(a, b):

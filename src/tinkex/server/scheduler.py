@@ -4,7 +4,9 @@ Requests of one model run strictly in seq_id order; one that arrives early (the 
 parallel forward_backward is sent last) waits until the gap is filled. Each turn of the worker takes,
 from every model with ready work, either its leading run of forward_backward jobs or one other
 request; all the forward_backward jobs of that turn, from every tenant, go to the engine as one batch,
-in one call with all its optimizer steps (one round trip to an engine worker process).
+in one call with all its optimizer steps (one round trip to an engine worker process). With engine
+workers, a turn is sent while the previous one still runs, so a worker goes straight from one to the
+next (it runs its calls in the order they came) while this thread answers the last.
 
 Sampling is continuous: the engine keeps a running decode batch, and each turn ends with the sample
 requests that arrived joining it and one decode step of every row. So a long generation never holds
@@ -29,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from tinkex.engine.api import AdamHyper, EngineError, ForwardBackwardJob, SampleJob
+from tinkex.engine.api import AdamHyper, EngineError, ForwardBackwardJob, Ready, SampleJob
 
 from .futures import Future, FutureTable, Outcome
 
@@ -80,6 +82,7 @@ class Scheduler:
         self._sampling: dict[int, Work] = {}  # id(SampleJob) -> its work, while the engine has it
         self._sample_seen: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._calls: deque[Callable[[], None]] = deque()
+        self._training: tuple | None = None  # (reply, forward_backward works, step works) sent, not answered
         self.max_queued = DEFAULT_MAX_QUEUED  # unfinished requests admitted at once (None: no bound)
         self._claimed = 0  # rooms taken by requests between admission and submit
         self._cond = threading.Condition()
@@ -239,8 +242,8 @@ class Scheduler:
             return calls, batch, others, samples
 
     def _loop(self) -> None:
-        # Wait for work only when nothing is decoding; otherwise take what is ready and decode on.
-        while (turn := self._take_turn(wait=not self._engine.sampling)) is not None:
+        # Wait for work only when nothing is decoding or training; otherwise take what is ready.
+        while (turn := self._take_turn(wait=not self._engine.sampling and self._training is None)) is not None:
             calls, batch, others, samples = turn
             for fn in calls:
                 try:
@@ -248,8 +251,7 @@ class Scheduler:
                 except Exception:
                     log.exception("engine-thread call failed")
             steps = [work for work in others if work.optim_step is not None]
-            if batch or steps:
-                self._train(batch, steps)
+            self._train(batch, steps)
             for work in others:
                 if work.optim_step is None and work.future is not None:  # skipped seq_ids carry no future
                     self._resolve(work, work.run)
@@ -258,6 +260,7 @@ class Scheduler:
             if self._engine.sampling:
                 self._step_samples()
             self._futures.forget_old()
+        self._train([], [])  # answer the turn still in flight
 
     def _admit_samples(self, samples: list[Work]) -> None:
         jobs = []
@@ -291,17 +294,36 @@ class Scheduler:
         self._resolve_all(finished)
 
     def _train(self, batch: list[Work], steps: list[Work]) -> None:
-        """The turn's forward_backward jobs as one batch and its optimizer steps, in one engine call
-        (one round trip to each engine worker), and their answers."""
+        """Send the turn's forward_backward jobs, as one batch, and its optimizer steps to the engine
+        in one call, then answer the previous turn's. Engine workers run the new turn while the
+        previous one's answers are handed out and the next turn is gathered, so they never wait for
+        this thread between turns; the in-process engine has run a turn when it returns."""
+        sent = None
+        if batch or steps:
+            try:
+                reply = self._engine.submit_training([w.forward_backward for w in batch], [w.optim_step for w in steps])
+                sent = (reply, batch, steps)
+            except Exception as exc:
+                self._fail_training(batch + steps, exc)
+        previous, self._training = self._training, sent
+        if previous is not None:
+            self._answer_training(*previous)
+        if sent is not None and isinstance(sent[0], Ready):
+            self._training = None
+            self._answer_training(*sent)
+
+    def _answer_training(self, reply, batch: list[Work], steps: list[Work]) -> None:
         try:
-            results, metrics = self._engine.run_training([w.forward_backward for w in batch],
-                                                         [w.optim_step for w in steps])
+            results, metrics = reply.result()
         except Exception as exc:
-            log.exception("engine batch failed")
-            failed = Outcome(error=f"internal error: {exc}", category="server")
-            self._futures.resolve_many([(work.future, failed) for work in batch + steps])
+            self._fail_training(batch + steps, exc)
             return
         self._resolve_all([*zip(batch, results), *zip(steps, metrics)])
+
+    def _fail_training(self, works: list[Work], exc: Exception) -> None:
+        log.error("engine batch failed", exc_info=exc)
+        failed = Outcome(error=f"internal error: {exc}", category="server")
+        self._futures.resolve_many([(work.future, failed) for work in works])
 
     def _resolve(self, work: Work, compute: Callable[[], Outcome]) -> None:
         self._futures.resolve(work.future, _outcome(compute))
