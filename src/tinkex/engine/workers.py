@@ -180,6 +180,8 @@ class ProcessWorker:
         return self._process.pid
 
     def ready(self) -> None:
+        if self._started:  # without the lock: a reader may hold it, waiting for an earlier call's reply
+            return
         with self._receive_lock:
             if not self._started:
                 try:
