@@ -44,12 +44,14 @@ def _direct_handler(route: APIRoute) -> Handler | None:
             or dependant.query_params or dependant.header_params or dependant.cookie_params
             or len(dependant.body_params) > 1):
         return None
-    returns = typing.get_type_hints(endpoint).get("return")
+    try:
+        returns = typing.get_type_hints(endpoint).get("return")
+    except (NameError, TypeError):  # an annotation that does not resolve here: FastAPI's handler copes
+        return None
     if not (isinstance(returns, type) and issubclass(returns, (Response, BaseModel))):
         return None
-    known = {get_runtime: "runtime", get_tenant: "tenant"}
-    dependencies = [(sub.name, known.get(sub.call)) for sub in dependant.dependencies]
-    if any(kind is None for _, kind in dependencies):
+    dependencies = [(sub.name, sub.call) for sub in dependant.dependencies]
+    if any(call not in (get_runtime, get_tenant) for _, call in dependencies):
         return None
     body: tuple[str, type[BaseModel]] | None = None
     if dependant.body_params:
@@ -62,8 +64,8 @@ def _direct_handler(route: APIRoute) -> Handler | None:
 
     async def handler(request: Request) -> Response:
         arguments: dict[str, Any] = {request_name: request} if request_name else {}
-        for name, kind in dependencies:
-            arguments[name] = await (get_runtime if kind == "runtime" else get_tenant)(request)
+        for name, call in dependencies:  # the tenant's 401 comes before any body error, as in FastAPI
+            arguments[name] = await call(request)
         if body is not None:
             name, model = body
             try:
