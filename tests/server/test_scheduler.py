@@ -19,24 +19,35 @@ from tinkex.server.store import Store
 from tinkex.types import OptimStepResponse
 
 
-class Recording:
-    """The real engine, with a record of the batch sizes it was called with."""
+class Logged:
+    """The real engine (or worker pool), recording each turn's adapters (forward_backward jobs, steps)
+    and logging when each turn is sent and when it is answered."""
 
-    def __init__(self, engine: Engine):
-        self.engine, self.calls = engine, []
+    def __init__(self, engine):
+        self.engine, self.turns, self.log = engine, [], []
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
     def submit_training(self, jobs, steps):
-        self.calls.append(([job.adapter_id for job in jobs], [adapter_id for adapter_id, _ in steps]))
-        return self.engine.submit_training(jobs, steps)
+        self.turns.append(([job.adapter_id for job in jobs], [adapter_id for adapter_id, _ in steps]))
+        turn = len(self.turns)
+        self.log.append(("sent", turn))
+        reply = self.engine.submit_training(jobs, steps)
+        log = self.log
+
+        class Reply(Ready if isinstance(reply, Ready) else object):  # the in-process engine's is Ready
+            def result(self):
+                log.append(("answered", turn))
+                return reply.result()
+
+        return Reply(reply.value) if isinstance(reply, Ready) else Reply()
 
 
 def test_a_turn_sends_every_model_step_in_one_engine_call(tmp_path, hf_home):
     """Three models' forward_backward jobs make one batch; then their optimizer steps go in one call
     with a fourth model's forward_backward (behind another request in its queue)."""
-    engine = Recording(Engine(hf_home=hf_home))
+    engine = Logged(Engine(hf_home=hf_home))
     futures = FutureTable(Store(f"sqlite:///{tmp_path / 'store.db'}"))
     scheduler = Scheduler(engine, futures, prepare_sample=lambda job: None)
     tokens = np.random.default_rng(0).integers(3, 2000, 9)
@@ -71,35 +82,12 @@ def test_a_turn_sends_every_model_step_in_one_engine_call(tmp_path, hf_home):
     finally:
         scheduler.stop()
         futures.close()
-    assert engine.calls == [(["m0", "m1", "m2"], []), (["m3"], ["m0", "m1", "m2"])]
+    assert engine.turns == [(["m0", "m1", "m2"], []), (["m3"], ["m0", "m1", "m2"])]
     assert steps["m3"].outcome.result.metrics["loss:sum"] > 0
     assert steps["m0"].outcome.result.metrics["grad_norm:mean"] > 0
     assert steps["m2"].outcome.result.metrics["grad_norm:mean"] > 0
     # m1's bad step failed on its own, as the user's error
     assert steps["m1"].outcome.category == "user" and "learning_rate" in steps["m1"].outcome.error
-
-
-class Logged:
-    """The real engine (or worker pool), logging when each turn is sent and when it is answered."""
-
-    def __init__(self, engine):
-        self.engine, self.log = engine, []
-
-    def __getattr__(self, name: str):
-        return getattr(self.engine, name)
-
-    def submit_training(self, jobs, steps):
-        turn = sum(1 for event, _ in self.log if event == "sent") + 1
-        self.log.append(("sent", turn))
-        reply = self.engine.submit_training(jobs, steps)
-        log = self.log
-
-        class Reply(Ready if isinstance(reply, Ready) else object):  # the in-process engine's is Ready
-            def result(self):
-                log.append(("answered", turn))
-                return reply.result()
-
-        return Reply(reply.value) if isinstance(reply, Ready) else Reply()
 
 
 def train_two_models(engine, tmp_path) -> list[float]:
