@@ -209,3 +209,30 @@ def test_redirects_are_followed(scripted):
     assert response.json() == {"moved": True} and response.request.url.path == "/api/v1/new"
     (moved,) = scripted.requests_to("/api/v1/new")
     assert moved.method == "POST" and moved.json() == {"a": 1}  # a 307 keeps the method and body
+
+
+def test_requests_built_directly_match_httpx_build_request(scripted):
+    """Requests without query parameters or cookies skip AsyncClient.build_request: they carry the
+    same headers as one it builds (a request with parameters still takes it), and each call its own
+    version-4 idempotency key."""
+    import uuid
+
+    scripted.script("/api/v1/built", Reply(200, {}), Reply(200, {}), Reply(200, {}))
+    transport = Transport(scripted.base_url, KEY)
+
+    async def run():
+        try:
+            for params in (None, None, {"page": "2"}):
+                await transport.request("POST", "/api/v1/built", json={"a": 1}, params=params, purpose="train")
+        finally:
+            await transport.aclose()
+
+    asyncio.run(run())
+    direct, again, built = scripted.requests_to("/api/v1/built")
+    assert direct.path == "/api/v1/built" and built.path == "/api/v1/built?page=2"
+    per_call = {"x-idempotency-key"}
+    assert {k: v for k, v in direct.headers.items() if k not in per_call} == \
+        {k: v for k, v in built.headers.items() if k not in per_call}
+    keys = [r.headers["x-idempotency-key"] for r in (direct, again, built)]
+    assert len(set(keys)) == 3
+    assert all(key.startswith("stainless-python-retry-") and uuid.UUID(key[23:]).version == 4 for key in keys)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import email.utils
+import functools
 import json as jsonlib
 import logging
 import os
@@ -67,6 +68,21 @@ _PROXIED = any(os.environ.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "A
 # TINKEX_HTTP_TRANSPORT=httpx keeps everything on httpx; =pyqwest puts every pool on pyqwest.
 CONCURRENT_PURPOSES = frozenset({"sample"})
 _pyqwest_pid: int | None = None  # the process whose pyqwest I/O threads run (they do not survive a fork)
+
+
+# Idempotency keys need to be unique, not secret: a private generator (seeded from the OS, again in
+# a forked child) spares a getrandom system call per request, and leaves the `random` module alone.
+_KEYS = random.Random()
+os.register_at_fork(after_in_child=_KEYS.seed)
+
+
+def _random_uuid() -> uuid.UUID:
+    return uuid.UUID(int=_KEYS.getrandbits(128), version=4)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_url(url: str) -> httpx.URL:
+    return httpx.URL(url)  # immutable: one parse serves every request to the same URL
 
 
 def _arch() -> str:
@@ -219,6 +235,7 @@ class Transport:
                 headers[header] = os.environ[env_name]
         headers.update(self.default_headers_overrides)
         self._default_headers = headers
+        self._client_headers: dict[str, str] = {}  # httpx's client defaults (accept-encoding, connection, ...)
         # Set by the holder in JWT mode: re-exchange the credential after a 401 invalid_token.
         self.reauthenticate: Callable[[], Awaitable[None]] | None = None
 
@@ -239,6 +256,7 @@ class Transport:
             )
             self._clients[purpose] = client
             self._transports[purpose] = transport
+            self._client_headers = dict(client.headers)
         return client
 
     async def _send(self, purpose: str, request: httpx.Request, follow_redirects: bool) -> httpx.Response:
@@ -322,7 +340,7 @@ class Transport:
         base_headers = self.headers(headers)
         _telemetry.inject_trace_headers(base_headers)
         if method.upper() != "GET":
-            key = idempotency_key or f"stainless-python-retry-{uuid.uuid4()}"
+            key = idempotency_key or f"stainless-python-retry-{_random_uuid()}"
             base_headers.setdefault("x-idempotency-key", key)
         if files is not None:
             if json is not None or content is not None:
@@ -346,9 +364,13 @@ class Transport:
                     request = client.build_request(method, url, params=params, headers=request_headers,
                                                    timeout=http_timeout, files=multipart_files(files, opened),
                                                    data=dict(data or {}))
-                else:
+                elif params or client.cookies or _PROXIED:
                     request = client.build_request(method, url, content=content, params=params,
                                                    headers=request_headers, timeout=http_timeout)
+                else:  # what build_request would make, without its general merging (~45 us -> ~15 us)
+                    request = httpx.Request(method, _parsed_url(url), content=content,
+                                            headers={**self._client_headers, **request_headers},
+                                            extensions={"timeout": http_timeout.as_dict()})
                 response: httpx.Response | None = None
                 error: Exception | None = None
                 started = time.perf_counter()
