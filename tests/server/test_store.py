@@ -58,13 +58,13 @@ def test_results_are_durable_before_anyone_sees_them(database_url):
     store = Store(database_url)
     table = FutureTable(store)
     seen_while_writing = []
-    write = store.finish_requests
+    write = store.record_requests
 
-    def spying_write(finished, metrics):  # the real write, noting what was already visible
+    def spying_write(new, finished, metrics):  # the real write, noting what was already visible
         seen_while_writing.extend(table._futures[entry["id"]].outcome for entry in finished)
-        write(finished, metrics)
+        write(new, finished, metrics)
 
-    store.finish_requests = spying_write
+    store.record_requests = spying_write
     futures = [table.create("alice", "ForwardBackward", model_id="run", seq_id=i) for i in range(50)]
     for i, future in enumerate(futures):
         outcome = (Outcome(error="bad datum", category="user") if i == 7 else
@@ -88,3 +88,41 @@ def test_results_are_durable_before_anyone_sees_them(database_url):
     again = FutureTable(Store(database_url))  # what a restarted server reads back
     assert again.lookup(futures[3].request_id, "alice").outcome.result.metrics == {"loss:sum": 3.0}
     again.close()
+
+
+def test_new_requests_are_committed_together_before_their_ids_go_out(database_url):
+    """Requests created on the event loop do not write there: the recorder commits their pending rows
+    in batches, and `stored` returns once a request's row is in (or raises the store's error)."""
+    import asyncio
+    import time
+
+    from tinkex.server.futures import FutureTable
+    from tinkex.server.store import RequestRow
+
+    store = Store(database_url)
+    table = FutureTable(store)
+    batches, fail = [], False
+    write = store.record_requests
+
+    def slow_write(new, finished, metrics):  # the real write, slowly, so that requests pile up meanwhile
+        batches.append([entry["id"] for entry in new])
+        time.sleep(0.05)
+        if fail:
+            raise RuntimeError("disk full")
+        write(new, finished, metrics)
+
+    store.record_requests = slow_write
+
+    async def create_and_wait(n: int) -> list[str]:
+        futures = [table.create("alice", "Sample") for _ in range(n)]  # on the loop: none waits here
+        await asyncio.gather(*(table.stored(f.request_id) for f in futures))
+        return [f.request_id for f in futures]
+
+    ids = asyncio.run(create_and_wait(32))
+    assert sorted(i for batch in batches for i in batch) == sorted(ids) and len(batches) <= 2
+    with store.session() as session:
+        assert {row.id: row.status for row in session.query(RequestRow)} == {i: "pending" for i in ids}
+    fail = True
+    with pytest.raises(RuntimeError, match="disk full"):
+        asyncio.run(create_and_wait(1))
+    table.close()

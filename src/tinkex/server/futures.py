@@ -1,25 +1,31 @@
 """Futures: every asynchronous request gets one; the worker resolves it and long-polls wake up.
 
-Results live in memory for fast polling and in the store so that they survive a restart. The engine
-thread does not wait for the store: `resolve` hands the outcome to a recorder thread, which writes
-whatever has piled up in one transaction and only then publishes each outcome, so a result is never
-seen by a client before it is durable, and the engine goes straight back to work.
+Results live in memory for fast polling and in the store so that they survive a restart. Neither the
+event loop nor the engine thread writes to the store: a recorder thread writes whatever has piled up
+-- new requests' pending rows, finished requests' outcomes -- in one transaction. A request's id is
+handed out only once its row is committed (`stored`), so after a crash every id a client holds
+answers 410 (resubmit), never 404; an outcome is published only once it is committed, so a result is
+never seen before it is durable. Thirty-two sample requests that arrive together cost one commit,
+and the engine goes straight back to work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import os
+import random
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 from tinkex.types import ForwardBackwardOutput, SampleResponse, WireModel
 
-from .store import RequestRow, Store
+from .store import RequestRow, Store, utcnow
 
 log = logging.getLogger("tinkex.server")
 
@@ -54,6 +60,9 @@ class Future:
     outcome: Outcome | None = None
     finished_at: float | None = None
     waiters: list[asyncio.Event] = field(default_factory=list)
+    # done when the request's pending row is committed (or failed with the store's error)
+    stored: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    created_at: datetime = field(default_factory=utcnow)
 
 
 class FutureTable:
@@ -63,6 +72,7 @@ class FutureTable:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_sweep = time.monotonic()
+        self._unstored: deque[Future] = deque()  # created, pending row not yet in the store
         self._unrecorded: deque[tuple[Future, Outcome]] = deque()  # resolved, not yet in the store
         self._recording = threading.Condition(self._lock)
         self._closed = False
@@ -81,13 +91,27 @@ class FutureTable:
 
     def create(self, tenant: str, request_type: str, model_id: str | None = None,
                seq_id: int | None = None) -> Future:
-        future = Future(request_id=uuid.uuid4().hex, tenant=tenant, request_type=request_type,
+        """A new request's future, its pending row queued for the recorder. A coroutine then awaits
+        `stored` before it hands the id out; a caller on any other thread (a plain route, in FastAPI's
+        thread pool) waits here."""
+        future = Future(request_id=f"{_IDS.getrandbits(128):032x}", tenant=tenant, request_type=request_type,
                         model_id=model_id, seq_id=seq_id)
-        # Written before the request id is handed out: after a crash it answers 410 (resubmit), never 404.
-        self._store.insert_request(future.request_id, tenant, request_type)
-        with self._lock:
+        with self._recording:
             self._futures[future.request_id] = future
+            self._unstored.append(future)
+            self._recording.notify()
+        if not _on_event_loop():
+            future.stored.result()
         return future
+
+    async def stored(self, request_id: str) -> None:
+        """Wait until the request's pending row is committed; raises the store's error if it was not."""
+        with self._lock:
+            future = self._futures.get(request_id)
+        if future is not None and not future.stored.done():
+            await asyncio.wrap_future(future.stored)
+        elif future is not None:
+            future.stored.result()
 
     def resolve(self, future: Future, outcome: Outcome) -> None:
         """Called from any thread, once per future; returns at once (the recorder stores and publishes)."""
@@ -102,17 +126,25 @@ class FutureTable:
     def _record_loop(self) -> None:
         while True:
             with self._recording:
-                while not self._unrecorded and not self._closed:
+                while not self._unstored and not self._unrecorded and not self._closed:
                     self._recording.wait()
-                if not self._unrecorded:
+                if not self._unstored and not self._unrecorded:
                     return
-                batch = list(self._unrecorded)
+                new, batch = list(self._unstored), list(self._unrecorded)
+                self._unstored.clear()
                 self._unrecorded.clear()
-            try:
-                self._store.finish_requests([_finished_row(f, o) for f, o in batch],
+            error: Exception | None = None
+            try:  # a future's pending row is always in its outcome's batch or an earlier one
+                self._store.record_requests([_pending_row(f) for f in new], [_finished_row(f, o) for f, o in batch],
                                             [row for f, o in batch if (row := _metric_row(f, o)) is not None])
-            except Exception:  # the answers still go out; after a restart these requests answer 410
-                log.exception("could not record %d finished requests", len(batch))
+            except Exception as exc:  # finished answers still go out; after a restart they answer 410
+                log.exception("could not record %d new and %d finished requests", len(new), len(batch))
+                error = exc
+            for future in new:
+                if error is None:
+                    future.stored.set_result(None)
+                else:
+                    future.stored.set_exception(error)
             for future, outcome in batch:
                 self._publish(future, outcome)
 
@@ -162,6 +194,25 @@ class FutureTable:
             stale = [key for key, f in self._futures.items() if f.finished_at is not None and f.finished_at < cutoff]
             for key in stale:
                 del self._futures[key]
+
+
+# Request ids need to be unique, not secret (every lookup is by tenant too): a private generator,
+# seeded from the OS (again in a forked child), spares a system call per request.
+_IDS = random.Random()
+os.register_at_fork(after_in_child=_IDS.seed)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _pending_row(future: Future) -> dict:
+    return {"id": future.request_id, "tenant": future.tenant, "request_type": future.request_type,
+            "status": "pending", "created_at": future.created_at}
 
 
 def _finished_row(future: Future, outcome: Outcome) -> dict:

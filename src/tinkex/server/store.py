@@ -187,12 +187,6 @@ class Store:
         with self.session() as session:
             session.add(row)
 
-    def insert_request(self, request_id: str, tenant: str, request_type: str) -> None:
-        """Record a new pending request (every asynchronous request, before its id is handed out)."""
-        with self._raw() as cursor:
-            cursor.execute(self._insert_request.sql, self._insert_request.params(
-                id=request_id, tenant=tenant, request_type=request_type, status="pending", created_at=utcnow()))
-
     @contextmanager
     def _raw(self) -> Iterator[Any]:
         """A DB-API cursor in one transaction, committed at the end (the hot path's writes)."""
@@ -241,13 +235,18 @@ class Store:
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(model).filter_by(**filters)) or 0
 
-    def finish_requests(self, finished: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> None:
-        """Record the end of many requests, and the metrics they produced, in one transaction.
+    def record_requests(self, new: list[dict[str, Any]], finished: list[dict[str, Any]],
+                        metrics: list[dict[str, Any]]) -> None:
+        """Record new pending requests, the end of others and the metrics they produced, in one
+        transaction (futures.py's recorder).
 
-        Each entry of `finished`: id, status ("done" | "failed"), result_kind, result, error, category.
+        Each entry of `new`: id, tenant, request_type, status ("pending"), created_at. Each entry of
+        `finished`: id, status ("done" | "failed"), result_kind, result, error, category.
         """
         now = utcnow()
         with self._raw() as cursor:
+            if new:
+                cursor.executemany(self._insert_request.sql, [self._insert_request.params(**entry) for entry in new])
             if finished:
                 cursor.executemany(self._finish_request.sql,
                                    [self._finish_request.params(**entry, finished_at=now) for entry in finished])

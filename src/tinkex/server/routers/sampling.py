@@ -68,6 +68,7 @@ async def asample(body: SampleRequest, runtime: RuntimeDep, tenant: TenantDep) -
     except convert.InputError as exc:
         raise bad_request(str(exc)) from None
     future = queue_sample(runtime, tenant, job, body, key)
+    await runtime.futures.stored(future.request_id)  # the id goes out once its row is committed
     ids_key = key or (uuid.uuid4().hex, 0)
     return UntypedAPIFuture(request_id=future.request_id, sample_sequence_ids=_sequence_ids(ids_key, body.num_samples))
 

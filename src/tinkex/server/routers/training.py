@@ -86,6 +86,12 @@ def enqueue(runtime: Runtime, tenant: str, model_id: str, seq_id: int | None, re
     return UntypedAPIFuture(request_id=future.request_id, model_id=model_id)
 
 
+async def stored(runtime: Runtime, future: UntypedAPIFuture) -> UntypedAPIFuture:
+    """The answer of a coroutine route, once its request's row is committed (see futures.py)."""
+    await runtime.futures.stored(future.request_id)
+    return future
+
+
 def _lora_spec(rank: int, seed: int | None, train_mlp: bool, train_attn: bool, train_unembed: bool) -> LoraSpec:
     if not 1 <= rank <= MAX_RANK:
         raise bad_request(f"LoRA rank must be between 1 and {MAX_RANK}, not {rank}")
@@ -172,12 +178,13 @@ async def forward_backward(request: Request, runtime: RuntimeDep, tenant: Tenant
             raise bad_request(f"malformed forward_backward body: {exc}") from None
         model_id, seq_id = parsed.model_id, parsed.seq_id
         fb_input, forward_only = parsed.forward_backward_input, parsed.forward_only
-    return _forward_backward(runtime, tenant, model_id, seq_id, fb_input, forward_only)
+    return await stored(runtime, _forward_backward(runtime, tenant, model_id, seq_id, fb_input, forward_only))
 
 
 @router.post("/forward")
 async def forward(body: ForwardRequest, runtime: RuntimeDep, tenant: TenantDep) -> UntypedAPIFuture:
-    return _forward_backward(runtime, tenant, body.model_id, body.seq_id, body.forward_input, forward_only=True)
+    return await stored(runtime, _forward_backward(runtime, tenant, body.model_id, body.seq_id, body.forward_input,
+                                                   forward_only=True))
 
 
 @router.post("/optim_step")
@@ -195,7 +202,7 @@ async def optim_step(body: OptimStepRequest, runtime: RuntimeDep, tenant: Tenant
         return Work(optim_step=(body.model_id, hyper),
                     finish=lambda metrics: Outcome(result=OptimStepResponse(metrics=metrics)))
 
-    return enqueue(runtime, tenant, body.model_id, body.seq_id, "OptimStep", build)
+    return await stored(runtime, enqueue(runtime, tenant, body.model_id, body.seq_id, "OptimStep", build))
 
 
 def _record_checkpoint(runtime: Runtime, tenant: str, run_id: str, kind: str, name: str, directory: Path,
