@@ -4,6 +4,8 @@ they promise."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -210,8 +212,8 @@ def test_draws_follow_the_shaped_distribution():
     steps = np.zeros(rows, dtype=np.int64)
 
     def frequencies(temperature=1.0, top_k=vocab, top_p=1.0):
-        tokens = draws.choose(logits, torch.full((rows,), temperature), torch.full((rows,), top_k),
-                              torch.full((rows,), top_p), keys, steps)
+        params = draws.DrawParams.of([temperature] * rows, [top_k] * rows, [top_p] * rows, keys, steps, vocab)
+        tokens, _ = draws.choose(logits, params)
         return torch.bincount(tokens, minlength=vocab).double() / rows
 
     for temperature in (1.0, 0.5):
@@ -230,13 +232,46 @@ def test_draws_follow_the_shaped_distribution():
 def test_mixed_rows_draw_as_if_alone():
     """Rows with different parameters in one call get what each gets alone."""
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
-    temperature = torch.tensor([1.0, 0.0, 0.7, 1.3, 1.0])
-    top_k = torch.tensor([300, 300, 20, 300, 5])
-    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 1.0])
-    keys = np.array([draws.row_key(i, 0) for i in range(5)], dtype=np.uint32)
-    steps = np.array([0, 3, 7, 1, 2])
-    together = draws.choose(logits, temperature, top_k, top_p, keys, steps)
+    temperature, top_k, top_p = [1.0, 0.0, 0.7, 1.3, 1.0], [300, 300, 20, 300, 5], [1.0, 1.0, 0.9, 0.5, 1.0]
+    keys = [draws.row_key(i, 0) for i in range(5)]
+    steps = [0, 3, 7, 1, 2]
+    together, _ = draws.choose(logits, draws.DrawParams.of(temperature, top_k, top_p, keys, steps, 300))
     for r in range(5):
-        alone = draws.choose(logits[[r]], temperature[[r]], top_k[[r]], top_p[[r]], keys[[r]], steps[[r]])
+        alone, _ = draws.choose(logits[[r]], draws.DrawParams.of([temperature[r]], [top_k[r]], [top_p[r]], [keys[r]],
+                                                               [steps[r]], 300))
         assert int(alone[0]) == int(together[r])
     assert int(together[1]) == int(logits[1].argmax())
+
+
+def test_two_level_search_is_the_inverse_cdf():
+    """The blocked search picks what one cumulative sum over the whole vocabulary picks (up to ties in
+    the last bit), never a zero-probability token (masked, or the padding of a vocabulary that is not
+    a whole number of blocks), even at the extremes of u."""
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 4000, 1000  # 1000 tokens: eight blocks, the last one padded
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    logits[::2, 50:] = -math.inf  # half the rows keep 50 tokens, as a top-k would
+    logits[1::4, :] = -math.inf
+    logits[1::4, [3, 500, 999]] = 0.0  # three tokens, in three blocks
+    probs = logits.softmax(-1)
+    u = torch.rand(rows, generator=gen).clamp(2**-25, 1 - 2**-25)
+    u[:8] = torch.tensor([2**-25, 1 - 2**-25] * 4)
+    cumulative = probs.cumsum(-1)
+    reference = torch.searchsorted(cumulative, (u * cumulative[:, -1])[:, None]).squeeze(1)
+    got = draws._inverse_cdf(probs, u)
+    assert bool((probs.gather(1, got[:, None]) > 0).all())
+    assert float((got != reference).float().mean()) < 1e-3
+    assert set(got[1::4].tolist()) == {3, 500, 999}
+
+
+def test_draws_give_logprobs_when_they_come_free():
+    """Rows all drawn from the unmodified distribution: the draw's log-probabilities are log_softmax's
+    at those tokens; any other shaping: none (the sampler computes them)."""
+    logits = torch.randn(32, 2048, generator=torch.Generator().manual_seed(1)) * 4
+    keys, steps = [draws.row_key(7, s) for s in range(32)], list(range(32))
+    tokens, logprobs = draws.choose(logits, draws.DrawParams.of([1.0] * 32, [-1] * 32, [1.0] * 32, keys, steps, 2048))
+    want = logits.double().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+    assert float((logprobs.double() - want).abs().max()) < 2e-6
+    for shaped in (draws.DrawParams.of([0.7] * 32, [-1] * 32, [1.0] * 32, keys, steps, 2048),
+                   draws.DrawParams.of([1.0] * 32, [40] * 32, [1.0] * 32, keys, steps, 2048)):
+        assert draws.choose(logits, shaped)[1] is None

@@ -161,7 +161,7 @@ class DecodeBatch:
         self.cache = new_cache(base)
         self.rows: list[tuple[PreparedSample, int]] = []  # (request, sample index), one per cache row
         self.logits: torch.Tensor | None = None  # [rows, vocab]: each row's next-token logits, not yet drawn from
-        self.params: RowParams | None = None  # the rows' draw parameters; None: to be rebuilt from self.rows
+        self.params: draws.DrawParams | None = None  # the rows' draw parameters; None: to be rebuilt from self.rows
         self.weights = sum(p.numel() for p in base.model.parameters())  # ~ multiply-adds per row and step
 
     @property
@@ -260,19 +260,20 @@ class DecodeBatch:
     def _decode(self) -> list[PreparedSample]:
         logits = self.logits.float()
         if self.params is None:
-            self.params = RowParams.of(self.rows, logits.shape[-1], logits.device)
-        params = self.params
-        tokens = draws.choose(logits, params.temperature, params.top_k, params.top_p, params.keys, params.steps)
-        params.steps += 1
-        # Reported logprobs are the unmodified distribution's, at temperature 1. (log_softmax rather
-        # than logit - logsumexp: logsumexp's exp goes through MKL's vector math, slow on non-Intel CPUs.)
-        logprobs = logits.log_softmax(-1)
-        token_list = tokens.tolist()
-        token_lp = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+            self.params = _draw_params(self.rows, logits.shape[-1], logits.device)
+        tokens, token_lp = draws.choose(logits, self.params)
+        self.params.steps += 1
+        # Reported logprobs are the unmodified distribution's, at temperature 1: from the draw when it
+        # drew from that distribution, else from log_softmax (rather than logit - logsumexp, whose exp
+        # goes through MKL's vector math, slow on non-Intel CPUs), as they are for a top-k.
         k_max = max(job.job.topk_sample_logprobs for job, _ in self.rows)
+        if token_lp is None or k_max:
+            logprobs = logits.log_softmax(-1)
+            token_lp = logprobs.gather(1, tokens[:, None]).squeeze(1)
         if k_max:
             top = logprobs.topk(k_max, dim=-1)
             top_ids, top_values = top.indices.cpu().numpy(), top.values.cpu().numpy()
+        token_list, token_lp = tokens.tolist(), token_lp.tolist()
         survivors, finished = [], []
         for r, (job, s) in enumerate(self.rows):
             job.rows[s].append(token_list[r])
@@ -298,27 +299,11 @@ class DecodeBatch:
         return finished
 
 
-@dataclass
-class RowParams:
-    """Per-row draw parameters along the batch's rows (see draws.choose): tensors on the batch's
-    device, and the hash inputs as numpy arrays."""
-
-    temperature: torch.Tensor  # float32
-    top_k: torch.Tensor  # int64, the vocabulary size = no limit
-    top_p: torch.Tensor  # float32
-    keys: np.ndarray  # uint32
-    steps: np.ndarray  # int64: tokens the row has drawn so far
-
-    @classmethod
-    def of(cls, rows: list[tuple[PreparedSample, int]], vocab: int, device: torch.device) -> RowParams:
-        jobs = [job.job for job, _ in rows]
-        return cls(
-            temperature=torch.tensor([float(j.temperature) for j in jobs], dtype=torch.float32, device=device),
-            top_k=torch.tensor([j.top_k if 0 < j.top_k < vocab else vocab for j in jobs], device=device),
-            top_p=torch.tensor([float(j.top_p) for j in jobs], dtype=torch.float32, device=device),
-            keys=np.array([job.keys[s] for job, s in rows], dtype=np.uint32),
-            steps=np.array([len(job.rows[s]) for job, s in rows], dtype=np.int64),
-        )
+def _draw_params(rows: list[tuple[PreparedSample, int]], vocab: int, device: torch.device) -> draws.DrawParams:
+    jobs = [job.job for job, _ in rows]
+    return draws.DrawParams.of([float(j.temperature) for j in jobs], [j.top_k for j in jobs],
+                               [float(j.top_p) for j in jobs], [job.keys[s] for job, s in rows],
+                               [len(job.rows[s]) for job, s in rows], vocab, device)
 
 
 @contextmanager
