@@ -1,5 +1,6 @@
 """Sampling: 32 concurrent requests x 64 new tokens against Hugging Face `generate` on the same model
-with the same 32 prompts in one batch (do_sample, temperature 1), in this process. Tokens/s:
+with the same 32 prompts in one batch (do_sample, temperature 1), in this process; on the built-in
+model, a 32 M-parameter Llama, and a Llama with a 32k-token vocabulary (as real models have). Tokens/s:
 
 - tinkex: through the whole stack (SDK -> HTTP -> server -> scheduler -> engine), with `tinkex serve`
   in a process of its own (`--server embedded`: the embedded server in this process);
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import build_llama_30m, start_server
+from _common import build_llama_30m, build_llama_wide_vocab, start_server
 
 KEY = "tml-bench-key-000000"
 REQUESTS, NEW_TOKENS, PROMPT = 32, 64, 16
@@ -106,7 +107,9 @@ def main() -> None:
     prompts = np.random.default_rng(0).integers(3, 2000, size=(REQUESTS, PROMPT))
     with tempfile.TemporaryDirectory() as tmp:
         llama = build_llama_30m(Path(tmp) / "llama-30m")
-        models = [("tinkex/tiny-qwen3", "tinkex/tiny-qwen3"), ("Llama 32 M", str(llama))]
+        wide = build_llama_wide_vocab(Path(tmp) / "llama-wide-vocab")
+        models = [("tinkex/tiny-qwen3", "tinkex/tiny-qwen3"), ("Llama 32 M", str(llama)),
+                  ("Llama 32k vocab", str(wide))]
         with start_server(args.server, Path(tmp) / "data", [name for _, name in models], KEY) as base_url:
             service = tinkex.ServiceClient(base_url=base_url, api_key=KEY)
             where = "tinkex serve in its own process" if args.server == "process" else "the embedded server"

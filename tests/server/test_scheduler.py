@@ -138,3 +138,54 @@ def test_engine_workers_get_the_next_turn_while_one_runs(tmp_path, hf_home):
     in_process = Logged(Engine(hf_home=hf_home))
     assert train_two_models(in_process, tmp_path / "engine") == pytest.approx(through_worker, rel=1e-5)
     assert in_process.log == [(event, turn) for turn in (1, 2, 3, 4) for event in ("sent", "answered")]
+
+
+def test_a_burst_of_sample_requests_starts_together(tmp_path, hf_home, monkeypatch):
+    """With nothing decoding, sample requests that keep arriving (a client's concurrent calls) are
+    admitted in one engine call, however many decode steps the first could have run meanwhile; a
+    burst longer than MAX_GATHER starts without its tail, which joins at the next step."""
+    from tinkex.engine import SampleJob
+    from tinkex.server import scheduler as scheduling
+
+    class Admissions:
+        def __init__(self, engine):
+            self.engine, self.sizes = engine, []
+
+        def __getattr__(self, name: str):
+            return getattr(self.engine, name)
+
+        def submit_samples(self, jobs):
+            self.sizes.append(len(jobs))
+            return self.engine.submit_samples(jobs)
+
+    engine = Admissions(Engine(hf_home=hf_home))
+    futures = FutureTable(Store(f"sqlite:///{tmp_path / 'store.db'}"))
+    scheduler = Scheduler(engine, futures, prepare_sample=lambda job: None)
+    monkeypatch.setattr(scheduling, "MAX_GATHER_GAP", 0.1)  # what a slow model's quarter step allows
+    monkeypatch.setattr(scheduling, "MAX_GATHER", 5.0)
+    scheduler.start()
+
+    def burst(count: int, spacing: float) -> list:
+        scheduler._step_seconds = 1.0  # as if a decode step took a second
+        works = []
+        for i in range(count):
+            work = Work(future=futures.create("t", "Sample"), sample=SampleJob(BUILTIN_MODEL, None, [5, 6, 7], max_tokens=2),
+                        finish=lambda result: Outcome())
+            scheduler.submit_sample(None, work)
+            works.append(work)
+            time.sleep(spacing)
+        deadline = time.monotonic() + 60
+        while any(w.future.outcome is None for w in works) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [w.future.outcome for w in works]
+
+    try:
+        assert all(outcome.error is None for outcome in burst(8, 0.01))
+        assert engine.sizes == [8]
+        monkeypatch.setattr(scheduling, "MAX_GATHER", 0.03)  # the first waits no longer than this
+        engine.sizes.clear()
+        assert all(outcome.error is None for outcome in burst(8, 0.01))
+        assert len(engine.sizes) > 1 and sum(engine.sizes) == 8
+    finally:
+        scheduler.stop()
+        futures.close()

@@ -11,6 +11,10 @@ next (it runs its calls in the order they came) while this thread answers the la
 Sampling is continuous: the engine keeps a running decode batch, and each turn ends with the sample
 requests that arrived joining it and one decode step of every row. So a long generation never holds
 up training for more than one token's time, and a new request never waits for a batch to finish.
+When nothing is decoding, a burst of requests (a client's concurrent sample calls, which reach the
+server a fraction of a millisecond apart) is let finish arriving before its first request starts --
+until none has come for a quarter of a decode step (at most 2 ms), or for at most 20 ms -- so that
+the burst shares one prefill and one decode batch instead of the first few running a step ahead.
 
 Work that must happen on the engine thread but belongs to no model queue (freeing the adapters of a
 finished session) goes through `call_soon`, run at the start of the next turn.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +44,8 @@ log = logging.getLogger("tinkex.server")
 DEFAULT_MAX_QUEUED = 4096
 RETRY_AFTER_SECONDS = 1.0  # what a refused client is told to wait; the queue drains in about that time
 _KEEP_SEEN = 10_000  # seq_ids remembered per model (and sample keys overall) to dedupe retries
+MAX_GATHER_GAP = 0.002  # seconds: a burst of sample requests has ended when none came for this long
+MAX_GATHER = 0.02  # seconds: the longest the first request of a burst waits for the rest
 
 
 @dataclass
@@ -83,6 +90,8 @@ class Scheduler:
         self._sample_seen: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._calls: deque[Callable[[], None]] = deque()
         self._training: tuple | None = None  # (reply, forward_backward works, step works) sent, not answered
+        self._last_sample_at = 0.0  # when the newest sample request arrived (time.monotonic)
+        self._step_seconds = 0.0  # a recent decode step's duration
         self.max_queued = DEFAULT_MAX_QUEUED  # unfinished requests admitted at once (None: no bound)
         self._claimed = 0  # rooms taken by requests between admission and submit
         self._cond = threading.Condition()
@@ -214,6 +223,7 @@ class Scheduler:
                 if len(self._sample_seen) > _KEEP_SEEN * 10:
                     self._sample_seen.popitem(last=False)
             self._samples.append(work)
+            self._last_sample_at = time.monotonic()
             self._cond.notify()
 
     # ---- the worker ----------------------------------------------------------------------------
@@ -223,6 +233,8 @@ class Scheduler:
             while (wait and not self._stopped and not self._samples and not self._calls
                    and not any(q.ready for q in self._models.values())):
                 self._cond.wait()
+            if wait and self._samples:  # nothing is decoding or training: the burst may still be coming
+                self._gather_samples()
             if self._stopped:
                 return None
             calls = list(self._calls)
@@ -240,6 +252,18 @@ class Scheduler:
             samples = list(self._samples)
             self._samples.clear()
             return calls, batch, others, samples
+
+    def _gather_samples(self) -> None:
+        """Wait (holding the lock's condition) while sample requests keep arriving; see the module
+        docstring. Anything else that becomes ready ends the wait."""
+        gap = min(MAX_GATHER_GAP, self._step_seconds / 4)
+        deadline = time.monotonic() + MAX_GATHER
+        while not self._stopped and not self._calls and not any(q.ready for q in self._models.values()):
+            now = time.monotonic()
+            quiet_for = now - self._last_sample_at
+            if quiet_for >= gap or now >= deadline:
+                return
+            self._cond.wait(min(gap - quiet_for, deadline - now))
 
     def _loop(self) -> None:
         # Wait for work only when nothing is decoding or training; otherwise take what is ready.
@@ -281,11 +305,13 @@ class Scheduler:
             self._futures.resolve(self._sampling.pop(id(job)).future, _failure(exc))
 
     def _step_samples(self) -> None:
+        started = time.monotonic()
         try:
             done = self._engine.step_samples()
         except Exception as exc:  # the engine contains its own faults; this is a last resort
             log.exception("decode step failed")
             done = [(work.sample, exc) for work in self._sampling.values()]
+        self._step_seconds = time.monotonic() - started
         finished = []
         for job, result in done:
             work = self._sampling.pop(id(job), None)
