@@ -39,6 +39,7 @@ class LeanDecoder:
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
+        self.groups = self.heads // self.kv_heads  # query heads per key/value head
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.qk_norm = hasattr(attn, "q_norm")
@@ -62,9 +63,11 @@ class LeanDecoder:
                 keys, values = cache.layer(index)
                 keys[rows, :, positions] = k
                 values[rows, :, positions] = v
-                out = F.scaled_dot_product_attention(q[:, :, None], keys[:n, :, :width], values[:n, :, :width],
-                                                     attn_mask=mask, scale=self.scaling,
-                                                     enable_gqa=self.kv_heads != self.heads)
+                # Each key/value head's queries as a query "length" of their own: every cached key is
+                # read once, not once per query head that shares it.
+                out = F.scaled_dot_product_attention(q.view(n, self.kv_heads, self.groups, self.head_dim),
+                                                     keys[:n, :, :width], values[:n, :, :width],
+                                                     attn_mask=mask, scale=self.scaling)
                 hidden = _finish_layer(layer, hidden, out.reshape(n, self.heads * self.head_dim))
             return self.head(self.inner.norm(hidden))
         finally:
