@@ -58,13 +58,13 @@ def test_results_are_durable_before_anyone_sees_them(database_url):
     store = Store(database_url)
     table = FutureTable(store)
     seen_while_writing = []
-    write = store.record_requests
+    write = store.finish_requests
 
-    def spying_write(new, finished, metrics):  # the real write, noting what was already visible
+    def spying_write(finished, metrics):  # the real write, noting what was already visible
         seen_while_writing.extend(table._futures[entry["id"]].outcome for entry in finished)
-        write(new, finished, metrics)
+        write(finished, metrics)
 
-    store.record_requests = spying_write
+    store.finish_requests = spying_write
     futures = [table.create("alice", "ForwardBackward", model_id="run", seq_id=i) for i in range(50)]
     for i, future in enumerate(futures):
         outcome = (Outcome(error="bad datum", category="user") if i == 7 else
@@ -90,11 +90,11 @@ def test_results_are_durable_before_anyone_sees_them(database_url):
     again.close()
 
 
-def test_new_requests_are_committed_together_before_their_ids_go_out(database_url):
-    """Requests created on the event loop do not write there: the recorder commits their pending rows
-    in batches, and `stored` returns once a request's row is in (or raises the store's error)."""
+def test_new_requests_are_written_together_before_their_ids_go_out(database_url):
+    """Requests created in one pass of the event loop are written in one transaction after it, and
+    `stored` returns once a request's row is in (or raises the store's error); off the loop a row is
+    written before create() returns."""
     import asyncio
-    import time
 
     from tinkex.server.futures import FutureTable
     from tinkex.server.store import RequestRow
@@ -102,27 +102,50 @@ def test_new_requests_are_committed_together_before_their_ids_go_out(database_ur
     store = Store(database_url)
     table = FutureTable(store)
     batches, fail = [], False
-    write = store.record_requests
+    write = store.insert_requests
 
-    def slow_write(new, finished, metrics):  # the real write, slowly, so that requests pile up meanwhile
+    def spying_write(new):
         batches.append([entry["id"] for entry in new])
-        time.sleep(0.05)
         if fail:
             raise RuntimeError("disk full")
-        write(new, finished, metrics)
+        write(new)
 
-    store.record_requests = slow_write
+    store.insert_requests = spying_write
+
+    def statuses() -> dict[str, str]:
+        with store.session() as session:
+            return {row.id: row.status for row in session.query(RequestRow)}
 
     async def create_and_wait(n: int) -> list[str]:
-        futures = [table.create("alice", "Sample") for _ in range(n)]  # on the loop: none waits here
+        futures = [table.create("alice", "Sample") for _ in range(n)]  # in one pass: nothing written yet
+        assert batches == [] and not any(f.request_id in statuses() for f in futures)
         await asyncio.gather(*(table.stored(f.request_id) for f in futures))
         return [f.request_id for f in futures]
 
     ids = asyncio.run(create_and_wait(32))
-    assert sorted(i for batch in batches for i in batch) == sorted(ids) and len(batches) <= 2
-    with store.session() as session:
-        assert {row.id: row.status for row in session.query(RequestRow)} == {i: "pending" for i in ids}
-    fail = True
+    assert [sorted(batch) for batch in batches] == [sorted(ids)]
+    assert statuses() == {i: "pending" for i in ids}
+    outside = table.create("alice", "Sample")  # off the loop
+    assert statuses()[outside.request_id] == "pending" and len(batches) == 2
+    fail, batches = True, []
     with pytest.raises(RuntimeError, match="disk full"):
         asyncio.run(create_and_wait(1))
     table.close()
+
+
+def test_a_finished_row_and_its_pending_row_land_in_either_order(database_url):
+    """The recorder thread may write a request's outcome before the event loop writes its pending row:
+    the finished row stays finished."""
+    from tinkex.server.store import RequestRow
+
+    store = Store(database_url)
+    now = utcnow()
+    pending = {"tenant": "alice", "request_type": "Sample", "status": "pending", "created_at": now}
+    done = {**pending, "status": "done", "result_kind": "json", "result": b"{}", "error": None, "category": None}
+    store.insert_requests([{"id": "first-pending", **pending}])
+    store.finish_requests([{"id": "first-pending", **done}, {"id": "first-finished", **done}], [])
+    store.insert_requests([{"id": "first-finished", **pending}])
+    with store.session() as session:
+        rows = {row.id: row for row in session.query(RequestRow)}
+    assert {key: row.status for key, row in rows.items()} == {"first-pending": "done", "first-finished": "done"}
+    assert all(row.tenant == "alice" and row.finished_at is not None for row in rows.values())

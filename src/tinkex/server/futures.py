@@ -1,18 +1,21 @@
 """Futures: every asynchronous request gets one; the worker resolves it and long-polls wake up.
 
-Results live in memory for fast polling and in the store so that they survive a restart. Neither the
-event loop nor the engine thread writes to the store: a recorder thread writes whatever has piled up
--- new requests' pending rows, finished requests' outcomes -- in one transaction. A request's id is
-handed out only once its row is committed (`stored`), so after a crash every id a client holds
-answers 410 (resubmit), never 404; an outcome is published only once it is committed, so a result is
-never seen before it is durable. Thirty-two sample requests that arrive together cost one commit,
-and the engine goes straight back to work.
+Results live in memory for fast polling and in the store so that they survive a restart.
+
+- A request's pending row is committed before its id is handed out, so that after a crash every id
+  a client holds answers 410 (resubmit), never 404. On the event loop the rows of all the requests
+  created in one pass of the loop (a client's burst of concurrent sample calls) are written in one
+  transaction by a callback that runs after them (`stored` waits for it); elsewhere (plain routes, in
+  FastAPI's thread pool) a row is written at once. The work is queued meanwhile.
+- The engine thread does not wait for the store: `resolve` hands the outcome to a recorder thread,
+  which writes whatever has piled up in one transaction and only then publishes each outcome, so a
+  result is never seen by a client before it is durable. A finished row is an upsert and a pending
+  row an insert that yields to it, so the two may reach the store in either order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import random
@@ -60,9 +63,8 @@ class Future:
     outcome: Outcome | None = None
     finished_at: float | None = None
     waiters: list[asyncio.Event] = field(default_factory=list)
-    # done when the request's pending row is committed (or failed with the store's error)
-    stored: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     created_at: datetime = field(default_factory=utcnow)
+    stored: asyncio.Future | None = None  # while its pending row waits for the loop's write: see create
 
 
 class FutureTable:
@@ -72,7 +74,7 @@ class FutureTable:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_sweep = time.monotonic()
-        self._unstored: deque[Future] = deque()  # created, pending row not yet in the store
+        self._unstored: list[Future] = []  # created on the loop in this pass, pending row not yet written
         self._unrecorded: deque[tuple[Future, Outcome]] = deque()  # resolved, not yet in the store
         self._recording = threading.Condition(self._lock)
         self._closed = False
@@ -91,27 +93,43 @@ class FutureTable:
 
     def create(self, tenant: str, request_type: str, model_id: str | None = None,
                seq_id: int | None = None) -> Future:
-        """A new request's future, its pending row queued for the recorder. A coroutine then awaits
-        `stored` before it hands the id out; a caller on any other thread (a plain route, in FastAPI's
-        thread pool) waits here."""
+        """A new request's future. Off the event loop its pending row is written before this returns;
+        on it, the row is written with the others of this pass of the loop, and the route awaits
+        `stored` before it answers."""
         future = Future(request_id=f"{_IDS.getrandbits(128):032x}", tenant=tenant, request_type=request_type,
                         model_id=model_id, seq_id=seq_id)
-        with self._recording:
+        with self._lock:
             self._futures[future.request_id] = future
-            self._unstored.append(future)
-            self._recording.notify()
-        if not _on_event_loop():
-            future.stored.result()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._store.insert_requests([_pending_row(future)])
+            return future
+        future.stored = loop.create_future()
+        if not self._unstored:
+            loop.call_soon(self._write_unstored)
+        self._unstored.append(future)
         return future
 
+    def _write_unstored(self) -> None:
+        futures, self._unstored = self._unstored, []
+        try:
+            self._store.insert_requests([_pending_row(f) for f in futures])
+        except Exception as exc:
+            log.exception("could not record %d new requests", len(futures))
+            for future in futures:
+                future.stored.set_exception(exc)
+                future.stored.exception()  # logged above; a route that awaits it still gets it raised
+            return
+        for future in futures:
+            future.stored.set_result(None)
+
     async def stored(self, request_id: str) -> None:
-        """Wait until the request's pending row is committed; raises the store's error if it was not."""
+        """Wait until the request's pending row is written; raises the store's error if it was not."""
         with self._lock:
             future = self._futures.get(request_id)
-        if future is not None and not future.stored.done():
-            await asyncio.wrap_future(future.stored)
-        elif future is not None:
-            future.stored.result()
+        if future is not None and future.stored is not None:
+            await future.stored
 
     def resolve(self, future: Future, outcome: Outcome) -> None:
         """Called from any thread, once per future; returns at once (the recorder stores and publishes)."""
@@ -126,25 +144,17 @@ class FutureTable:
     def _record_loop(self) -> None:
         while True:
             with self._recording:
-                while not self._unstored and not self._unrecorded and not self._closed:
+                while not self._unrecorded and not self._closed:
                     self._recording.wait()
-                if not self._unstored and not self._unrecorded:
+                if not self._unrecorded:
                     return
-                new, batch = list(self._unstored), list(self._unrecorded)
-                self._unstored.clear()
+                batch = list(self._unrecorded)
                 self._unrecorded.clear()
-            error: Exception | None = None
-            try:  # a future's pending row is always in its outcome's batch or an earlier one
-                self._store.record_requests([_pending_row(f) for f in new], [_finished_row(f, o) for f, o in batch],
+            try:
+                self._store.finish_requests([_finished_row(f, o) for f, o in batch],
                                             [row for f, o in batch if (row := _metric_row(f, o)) is not None])
-            except Exception as exc:  # finished answers still go out; after a restart they answer 410
-                log.exception("could not record %d new and %d finished requests", len(new), len(batch))
-                error = exc
-            for future in new:
-                if error is None:
-                    future.stored.set_result(None)
-                else:
-                    future.stored.set_exception(error)
+            except Exception:  # the answers still go out; after a restart these requests answer 410
+                log.exception("could not record %d finished requests", len(batch))
             for future, outcome in batch:
                 self._publish(future, outcome)
 
@@ -202,21 +212,13 @@ _IDS = random.Random()
 os.register_at_fork(after_in_child=_IDS.seed)
 
 
-def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 def _pending_row(future: Future) -> dict:
     return {"id": future.request_id, "tenant": future.tenant, "request_type": future.request_type,
             "status": "pending", "created_at": future.created_at}
 
 
 def _finished_row(future: Future, outcome: Outcome) -> dict:
-    return {"id": future.request_id, "status": "failed" if outcome.error is not None else "done",
+    return {**_pending_row(future), "status": "failed" if outcome.error is not None else "done",
             "result_kind": outcome.kind, "error": outcome.error,
             "result": None if outcome.result is None else outcome.result.model_dump_json(exclude_none=True).encode(),
             "category": outcome.category if outcome.error is not None else None}

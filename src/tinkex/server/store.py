@@ -29,7 +29,6 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
-    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -156,11 +155,16 @@ class Store:
         self.migrate()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         requests, metrics = RequestRow.__table__, MetricRow.__table__
-        self._insert_request = _Prepared(self.engine, insert(requests),
-                                         ["id", "tenant", "request_type", "status", "created_at"])
-        self._finish_request = _Prepared(self.engine, update(requests),
-                                         ["status", "result_kind", "result", "error", "category", "finished_at"],
-                                         key="id")
+        # A pending row yields to a finished one, and a finished row replaces a pending one, whichever
+        # reaches the store first (futures.py writes them from different threads).
+        pending = ["id", "tenant", "request_type", "status", "created_at"]
+        outcome = ["status", "result_kind", "result", "error", "category", "finished_at"]
+        self._insert_request = _Prepared(self.engine, _insert(self.engine, requests).on_conflict_do_nothing(
+            index_elements=["id"]), pending)
+        finish = _insert(self.engine, requests)
+        self._finish_request = _Prepared(self.engine, finish.on_conflict_do_update(
+            index_elements=["id"], set_={name: finish.excluded[name] for name in outcome}),
+            ["id", "tenant", "request_type", "created_at", *outcome])
         self._insert_metric = _Prepared(self.engine, insert(metrics),
                                         ["training_run_id", "seq_id", "request_type", "metrics", "created_at"])
 
@@ -235,18 +239,20 @@ class Store:
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(model).filter_by(**filters)) or 0
 
-    def record_requests(self, new: list[dict[str, Any]], finished: list[dict[str, Any]],
-                        metrics: list[dict[str, Any]]) -> None:
-        """Record new pending requests, the end of others and the metrics they produced, in one
-        transaction (futures.py's recorder).
+    def insert_requests(self, new: list[dict[str, Any]]) -> None:
+        """Record new pending requests (before their ids are handed out), in one transaction. Each
+        entry: id, tenant, request_type, status ("pending"), created_at."""
+        with self._raw() as cursor:
+            cursor.executemany(self._insert_request.sql, [self._insert_request.params(**entry) for entry in new])
 
-        Each entry of `new`: id, tenant, request_type, status ("pending"), created_at. Each entry of
-        `finished`: id, status ("done" | "failed"), result_kind, result, error, category.
+    def finish_requests(self, finished: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> None:
+        """Record the end of many requests, and the metrics they produced, in one transaction.
+
+        Each entry of `finished`: id, tenant, request_type, created_at, status ("done" | "failed"),
+        result_kind, result, error, category.
         """
         now = utcnow()
         with self._raw() as cursor:
-            if new:
-                cursor.executemany(self._insert_request.sql, [self._insert_request.params(**entry) for entry in new])
             if finished:
                 cursor.executemany(self._finish_request.sql,
                                    [self._finish_request.params(**entry, finished_at=now) for entry in finished])
@@ -263,8 +269,17 @@ class Store:
             return len(rows)
 
 
+def _insert(engine: Any, table: Any) -> Any:
+    """An INSERT with the ON CONFLICT clauses of the store's database (SQLite or PostgreSQL)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(table)
+
+
 class _Prepared:
-    """An INSERT or UPDATE compiled once for the store's database and run on a raw DB-API cursor.
+    """An INSERT compiled once for the store's database and run on a raw DB-API cursor.
 
     Every asynchronous request writes its row when it arrives and again when it finishes; through
     the ORM (or even Core's execute) most of that was SQLAlchemy's per-call work -- statement cache
@@ -272,23 +287,17 @@ class _Prepared:
     request. Values pass through the columns' own bind processors, so rows read back through the
     ORM exactly as if it had written them."""
 
-    def __init__(self, engine: Any, statement: Any, columns: list[str], key: str | None = None):
-        """`columns` are the values written; `key`, for an UPDATE, the column that picks the row."""
+    def __init__(self, engine: Any, statement: Any, columns: list[str]):
+        """`columns` are the values written."""
         table, dialect = statement.table, engine.dialect
-        statement = statement.values({name: bindparam(name) for name in columns})
-        if key is not None:
-            statement = statement.where(table.c[key] == bindparam("key"))
-        compiled = statement.compile(dialect=dialect)
+        compiled = statement.values({name: bindparam(name) for name in columns}).compile(dialect=dialect)
         self.sql = str(compiled)
         self._order = compiled.positiontup if compiled.positional else None
-        self._key = key
         self._process = {name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns}
 
     def params(self, **values: Any) -> Any:
         bound = {name: process(values[name]) if process is not None else values[name]
                  for name, process in self._process.items()}
-        if self._key is not None:
-            bound["key"] = values[self._key]
         return bound if self._order is None else tuple(bound[name] for name in self._order)
 
 
