@@ -275,3 +275,23 @@ def test_draws_give_logprobs_when_they_come_free():
     for shaped in (draws.DrawParams.of([0.7] * 32, [-1] * 32, [1.0] * 32, keys, steps, 2048),
                    draws.DrawParams.of([1.0] * 32, [40] * 32, [1.0] * 32, keys, steps, 2048)):
         assert draws.choose(logits, shaped)[1] is None
+
+
+@pytest.mark.parametrize("name", decode.RMS_NORMS)
+def test_fused_rms_norm_is_the_models_own(name):
+    """The lean forward's one-op RMS norm gives exactly what each architecture's norm module gives,
+    values and gradients, in float32 (and hands other dtypes to the module)."""
+    import importlib
+
+    family = name.removesuffix("RMSNorm").lower()
+    norm = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 7, 48, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    want = norm(x)
+    (grad_want,) = torch.autograd.grad(want.square().sum(), x)
+    got = decode._rms_norm(norm, x)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    assert torch.equal(got, want) and torch.equal(grad_got, grad_want)
+    half = x.detach().bfloat16()
+    assert torch.equal(decode._rms_norm(norm.bfloat16(), half), norm(half))

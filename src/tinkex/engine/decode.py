@@ -26,6 +26,8 @@ from .models import BaseModel
 # Architectures whose decoder layer is: x + attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x)),
 # with rotary q/k (Qwen3 also RMS-normalises q and k per head), no other per-layer state.
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Their norms: weight * x / sqrt(mean(x^2) + eps), what F.rms_norm computes (see _rms_norm).
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 class LeanDecoder:
@@ -69,7 +71,7 @@ class LeanDecoder:
                                                      keys[:n, :, :width], values[:n, :, :width],
                                                      attn_mask=mask, scale=self.scaling)
                 hidden = _finish_layer(layer, hidden, out.reshape(n, self.heads * self.head_dim))
-            return self.head(self.inner.norm(hidden))
+            return self.head(_rms_norm(self.inner.norm, hidden))
         finally:
             routing.clear()
 
@@ -94,25 +96,34 @@ class LeanDecoder:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scaling,
                                                  enable_gqa=self.kv_heads != self.heads)
             hidden = _finish_layer(layer, hidden, out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-        hidden = self.inner.norm(hidden)
+        hidden = _rms_norm(self.inner.norm, hidden)
         return self.head(hidden) if head else hidden
 
     def _qkv(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """A layer's rotated queries, keys and values for `hidden` [..., hidden]: [..., heads, head_dim]."""
         attn, lead = layer.self_attn, hidden.shape[:-1]
-        x = layer.input_layernorm(hidden)
+        x = _rms_norm(layer.input_layernorm, hidden)
         q = attn.q_proj(x).view(*lead, self.heads, self.head_dim)
         k = attn.k_proj(x).view(*lead, self.kv_heads, self.head_dim)
         v = attn.v_proj(x).view(*lead, self.kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
 
 def _finish_layer(layer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """The rest of a decoder layer after attention: output projection and MLP, each a residual."""
     hidden = hidden + layer.self_attn.o_proj(attended)
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """What the model's RMSNorm module computes (weight * x / sqrt(mean(x^2) + eps)), for float32 as
+    one fused op instead of the module's six: the same numbers, ~4 us less per call -- a dozen calls
+    a decode step on a small model. (Other dtypes: the module, which normalises in float32.)"""
+    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        return norm(x)
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -135,5 +146,8 @@ def for_model(base: BaseModel) -> LeanDecoder | None:
     inner = getattr(model, "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if inner is None or not all(hasattr(inner, name) for name in needed):
+        return None
+    norms = [inner.norm] + [module for layer in inner.layers for module in layer.modules() if "Norm" in type(module).__name__]
+    if any(type(norm).__name__ not in RMS_NORMS for norm in norms):
         return None
     return LeanDecoder(base)
