@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinkex.engine import Engine, LoraSpec, decode, draws, kvcache, lora
+from tinkex.engine import BUILTIN_MODEL, Engine, LoraSpec, decode, draws, kvcache, lora
 
 from .conftest import M, randomize_b
 
@@ -295,3 +295,19 @@ def test_fused_rms_norm_is_the_models_own(name):
     assert torch.equal(got, want) and torch.equal(grad_got, grad_want)
     half = x.detach().bfloat16()
     assert torch.equal(decode._rms_norm(norm.bfloat16(), half), norm(half))
+
+
+def test_a_models_lean_decoder_is_worked_out_once_and_freed_with_it(engine_hf_home):
+    """Every training step and decode batch asks for the lean decoder: the same one comes back, and
+    keeping it does not keep an engine's model alive."""
+    import gc
+    import weakref
+
+    engine = Engine(hf_home=engine_hf_home)
+    base = engine._bases[BUILTIN_MODEL]
+    first = decode.for_model(base)
+    assert first is not None and decode.for_model(base) is first
+    model = weakref.ref(base.model)
+    del engine, base, first
+    gc.collect()
+    assert model() is None

@@ -17,6 +17,8 @@ returns None) and run through the Hugging Face forward (kvcache.RowCache when de
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,7 @@ RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 class LeanDecoder:
     def __init__(self, base: BaseModel):
         model = base.model
-        self.base = base
+        self.routing = base.routing  # not the base model itself: see for_model's cache
         self.inner = model.model
         self.layers = list(self.inner.layers)
         self.head = model.get_output_embeddings()
@@ -55,7 +57,7 @@ class LeanDecoder:
         rows = torch.arange(n, device=tokens.device)
         # Column c of row r is attended to when it holds a token: c <= the new token's position.
         mask = (torch.arange(width, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        routing = self.base.routing
+        routing = self.routing
         routing.set(lora.groups_from_owners(owners))
         try:
             hidden = self.inner.embed_tokens(tokens)  # [n, hidden]
@@ -133,8 +135,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+# model -> its lean decoder (None: it has none). Every training step and every decode batch asks, and
+# the answer walks the model's modules: worked out once per model. Keyed weakly, and the decoder
+# holds the model's parts but not the model, so an engine's models are still freed with it.
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def for_model(base: BaseModel) -> LeanDecoder | None:
     """The lean decoder of this base model, or None where its architecture is not one it knows."""
+    model = base.model
+    if model not in _DECODERS:
+        _DECODERS[model] = _lean_decoder(base)
+    return _DECODERS[model]
+
+
+def _lean_decoder(base: BaseModel) -> LeanDecoder | None:
     model = base.model
     if type(model).__name__ not in ARCHITECTURES:
         return None
